@@ -1,0 +1,135 @@
+"""Scope the soft rules to one model's forward: ``soft_backward(model)``.
+
+The handle adds two hooks to the model: a forward pre-hook that enters the
+engine's mode and a forward hook (``always_call=True``, so it also runs when the
+forward raises) that leaves it. Only ops run *inside* the model's forward are
+softened; losses and other models are untouched. Removing the hooks restores
+the model exactly: no classes or modules are swapped and nothing is cached.
+
+Used as a context manager it undoes itself on exit; ``enable()`` /
+``disable()`` keep it on across many training steps.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .mode import SoftBackwardMode
+from .rules.config import SoftRules
+
+#: model -> enabled handles on it (so an explainer can suspend them).
+_ENABLED: "weakref.WeakKeyDictionary[nn.Module, list[SoftBackward]]" = weakref.WeakKeyDictionary()
+
+
+class SoftBackward:
+    """Soft backward rules on every forward through ``model`` while enabled.
+
+    Args:
+        model: the module whose forward gets the soft backward.
+        temperatures: rule name -> temperature (``None`` switches a rule off);
+            missing rules take the SPEC defaults. See ``DEFAULT_TEMPERATURES``.
+        maxpool_padding: ``"neginf"`` (exact) or ``"zeros"`` (reference-code compatibility).
+        warn_uncovered: warn when a gated op with no soft rule runs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        temperatures: Mapping[str, Any] | SoftRules | None = None,
+        **options: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"soft_backward needs a torch.nn.Module, got {type(model).__name__}.")
+        if isinstance(temperatures, SoftRules):
+            if options:
+                raise TypeError("Pass options either inside a SoftRules object or as keywords, not both.")
+            self.rules = temperatures
+        else:
+            self.rules = SoftRules.create(temperatures, **options)
+        self.model = model
+        self._mode = SoftBackwardMode(self.rules)
+        self._hooks: tuple[RemovableHandle, RemovableHandle] | None = None
+        self._entered: list[bool] = []
+        self.suspended = False
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the hooks are installed."""
+        return self._hooks is not None
+
+    def enable(self) -> "SoftBackward":
+        """Install the hooks (idempotent)."""
+        if self._hooks is None:
+            self._hooks = (
+                self.model.register_forward_pre_hook(self._enter),
+                self.model.register_forward_hook(self._exit, always_call=True),
+            )
+            _ENABLED.setdefault(self.model, []).append(self)
+        return self
+
+    def disable(self) -> None:
+        """Remove the hooks; the model is exactly as before ``enable()``."""
+        if self._hooks is None:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = None
+        while self._entered:  # a forward that never returned (e.g. a KeyboardInterrupt between hooks)
+            if self._entered.pop():
+                self._mode.__exit__(None, None, None)
+        handles = _ENABLED.get(self.model, [])
+        if self in handles:
+            handles.remove(self)
+        if not handles:
+            _ENABLED.pop(self.model, None)
+
+    def __enter__(self) -> "SoftBackward":
+        return self.enable()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.disable()
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        active = not self.suspended and self.rules.any_active
+        if active:
+            self._mode.__enter__()
+        self._entered.append(active)
+
+    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._entered and self._entered.pop():
+            self._mode.__exit__(None, None, None)
+
+
+def soft_backward(
+    model: nn.Module, temperatures: Mapping[str, Any] | SoftRules | None = None, **options: Any
+) -> SoftBackward:
+    """Soft backward rules on ``model``'s forward: ``with soft_backward(model): ...``.
+
+    Inside the block the forward values are bit-identical and every backward
+    uses the soft rules. Call ``.enable()`` on the result instead to keep the
+    rules on (e.g. for training) until ``.disable()``.
+    """
+    return SoftBackward(model, temperatures, **options)
+
+
+@contextmanager
+def suspended(model: nn.Module) -> Iterator[None]:
+    """Pause every enabled soft-backward handle on ``model`` and its submodules.
+
+    Explainers use this so their own rules (or none, for the plain gradient) are
+    the only ones applied, never on top of a training-time handle.
+    """
+    handles = [h for m in model.modules() for h in _ENABLED.get(m, []) if not h.suspended]
+    for handle in handles:
+        handle.suspended = True
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.suspended = False

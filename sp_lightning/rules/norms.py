@@ -1,0 +1,89 @@
+"""Normalisation layers with their statistics held constant in the backward (SPEC section 2).
+
+With mean and variance treated as constants, LayerNorm is an input-conditioned
+affine map and its input VJP is ``v * gamma / sqrt(var + eps)``. GroupNorm and
+RMSNorm follow the same pattern. Parameter gradients are the exact ones for the
+given upstream cotangent. The forward always calls the original op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _sum_to(t: Tensor, like: Tensor) -> Tensor:
+    """Sum leading dims so ``t`` matches ``like`` (trailing, LayerNorm-style parameters)."""
+    return t.reshape(-1, *like.shape).sum(0)
+
+
+class SoftLayerNorm(torch.autograd.Function):
+    """LayerNorm / RMSNorm over the trailing dims with frozen statistics."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, call: Any, weight: Tensor | None, bias: Tensor | None, dims: int, eps: float, rms: bool
+    ) -> Tensor:
+        out = call(x)
+        red = tuple(range(x.dim() - dims, x.dim()))
+        xf = x.float()
+        if rms:
+            center = None
+            rstd = torch.rsqrt(xf.pow(2).mean(red, keepdim=True) + eps)
+        else:
+            var, center = torch.var_mean(xf, red, unbiased=False, keepdim=True)
+            rstd = torch.rsqrt(var + eps)
+        needs_normalized = weight is not None and ctx.needs_input_grad[2]
+        ctx.save_for_backward(rstd, weight, x if needs_normalized else None, center)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
+        rstd, weight, x, center = ctx.saved_tensors
+        scale = rstd.to(v.dtype) if weight is None else rstd.to(v.dtype) * weight
+        grad_x = v * scale if ctx.needs_input_grad[0] else None
+        normalized = None
+        if x is not None:
+            normalized = ((x.float() if center is None else x.float() - center) * rstd).to(v.dtype)
+        gw = _sum_to(v * normalized, weight) if normalized is not None else None
+        gb = _sum_to(v, weight) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_x, None, gw, gb, None, None, None
+
+
+class SoftGroupNorm(torch.autograd.Function):
+    """GroupNorm with frozen per-(sample, group) statistics."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, call: Any, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float
+    ) -> Tensor:
+        out = call(x)
+        xg = x.float().reshape(x.shape[0], groups, -1)
+        var, mean = torch.var_mean(xg, -1, unbiased=False, keepdim=True)
+        rstd = torch.rsqrt(var + eps)
+        needs_normalized = weight is not None and ctx.needs_input_grad[2]
+        ctx.save_for_backward(rstd, weight, x if needs_normalized else None, mean)
+        ctx.groups, ctx.has_bias = groups, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
+        rstd, weight, x, mean = ctx.saved_tensors
+        n, c = v.shape[0], v.shape[1]
+        channel_shape = (n, c) + (1,) * (v.dim() - 2)
+        per_channel = rstd.expand(n, ctx.groups, c // ctx.groups).reshape(channel_shape).to(v.dtype)
+        param_shape = (1, c) + (1,) * (v.dim() - 2)
+        scale = per_channel if weight is None else per_channel * weight.reshape(param_shape)
+        grad_x = v * scale if ctx.needs_input_grad[0] else None
+        reduce_dims = [0] + list(range(2, v.dim()))
+        gw = gb = None
+        if x is not None:
+            xg = x.float().reshape(n, ctx.groups, -1)
+            normalized = ((xg - mean) * rstd).reshape(v.shape).to(v.dtype)
+            gw = (v * normalized).sum(reduce_dims)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gb = v.sum(reduce_dims)
+        return grad_x, None, gw, gb, None, None

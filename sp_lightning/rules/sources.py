@@ -1,0 +1,119 @@
+"""How a soft rule gets its pre-activation back in the backward pass.
+
+A plain ReLU saves its *output*, which the next layer saves anyway, so it costs
+no memory. A soft ReLU needs its *input* x. Saving x is one extra activation per
+ReLU (the main cost of naive implementations). When x was produced by an
+eval-mode BatchNorm (optionally plus a residual), x is an affine function of
+tensors autograd already keeps: we save that recipe instead of x and recompute
+x in the backward with one fused elementwise op.
+
+Recipes ride on the tensor they describe (attribute ``_sp_source`` with the
+tensor's version); any in-place change of the tensor invalidates them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_ATTR = "_sp_source"
+
+
+def _check_version(t: Tensor, version: int) -> None:
+    if t._version != version:
+        raise RuntimeError(
+            "sp_lightning: a tensor saved for a soft backward rule was modified in place after the "
+            "forward pass; run the backward before changing activations in place."
+        )
+
+
+class Source(ABC):
+    """Something that can return a gated op's input (times a factor) in the backward."""
+
+    @abstractmethod
+    def scaled(self, factor: float) -> Tensor:
+        """Return ``factor * x`` as a fresh tensor the caller may overwrite."""
+
+    @abstractmethod
+    def value(self) -> Tensor:
+        """Return ``x`` (may alias a saved tensor: do not modify it)."""
+
+
+@dataclass(eq=False)
+class Stored(Source):
+    """x itself, saved (with its version, to catch later in-place edits)."""
+
+    tensor: Tensor
+    version: int
+
+    @classmethod
+    def of(cls, t: Tensor) -> "Stored":
+        return cls(t, t._version)
+
+    def value(self) -> Tensor:
+        _check_version(self.tensor, self.version)
+        return self.tensor
+
+    def scaled(self, factor: float) -> Tensor:
+        return self.value() * factor
+
+
+@dataclass(eq=False)
+class Affine(Source):
+    """x = src * scale + shift (per-channel), e.g. an eval-mode BatchNorm."""
+
+    src: Tensor
+    version: int
+    scale: Tensor
+    shift: Tensor
+
+    def value(self) -> Tensor:
+        return self.scaled(1.0)
+
+    def scaled(self, factor: float) -> Tensor:
+        _check_version(self.src, self.version)
+        return torch.addcmul(self.shift * factor, self.src, self.scale * factor)
+
+
+@dataclass(eq=False)
+class Sum(Source):
+    """x = a + b, e.g. a BatchNorm output plus a residual."""
+
+    a: Source
+    b: Source
+
+    def value(self) -> Tensor:
+        return self.scaled(1.0)
+
+    def scaled(self, factor: float) -> Tensor:
+        return self.a.scaled(factor).add_(self.b.scaled(factor))
+
+
+def attach(t: Tensor, source: Source) -> None:
+    """Record that ``t`` can be recomputed from ``source`` (until ``t`` changes in place)."""
+    setattr(t, _ATTR, (t._version, source))
+
+
+def recipe_of(t: Tensor) -> Source | None:
+    """The still-valid recipe attached to ``t``, if any."""
+    entry = getattr(t, _ATTR, None)
+    if entry is None or entry[0] != t._version:
+        return None
+    return entry[1]
+
+
+def detach_recipe(t: Tensor) -> None:
+    """Forget ``t``'s recipe (it is about to be overwritten)."""
+    if hasattr(t, _ATTR):
+        delattr(t, _ATTR)
+
+
+def source_for(t: Tensor, *, inplace: bool) -> Source:
+    """Cheapest way to get ``t`` back later: its recipe, else ``t`` (copied if about to be overwritten)."""
+    recipe = recipe_of(t)
+    if recipe is not None:
+        return recipe
+    return Stored.of(t.clone() if inplace else t)
