@@ -13,12 +13,9 @@ repeatedly does not make ``torch.compile`` recompile.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from .rules.config import SoftRules
@@ -37,18 +34,15 @@ class CoverageRecorder:
 class SoftBackwardMode(TorchFunctionMode):
     """Apply ``rules`` to every gated op called while the mode is active."""
 
-    def __init__(
-        self, rules: SoftRules, recorder: CoverageRecorder | None = None, *, skip: frozenset = frozenset()
-    ) -> None:
+    def __init__(self, rules: SoftRules, recorder: CoverageRecorder | None = None) -> None:
         super().__init__()
         self.rules = rules
         self.recorder = recorder
-        self._skip = skip
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         handler = HANDLERS.get(func)
-        if handler is None or func in self._skip:
+        if handler is None:
             return func(*args, **kwargs)
         return handler(self, func, args, kwargs)
 
@@ -63,9 +57,3 @@ class SoftBackwardMode(TorchFunctionMode):
             self.recorder.uncovered[name] += 1
         if self.rules.warn_uncovered:
             warn_uncovered(name)
-
-    @contextmanager
-    def nested(self) -> Iterator[None]:
-        """Re-enter the rules inside a composite call (e.g. ``F.multi_head_attention_forward``)."""
-        with SoftBackwardMode(self.rules, self.recorder, skip=self._skip | {F.multi_head_attention_forward}):
-            yield

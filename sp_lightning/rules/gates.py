@@ -19,72 +19,77 @@ from torch import Tensor
 
 from .sources import Source
 
-#: gate(source, tau, params) -> tensor of d(out)/d(in) surrogates, shaped like x.
-Gate = Callable[[Source, float, dict[str, Any]], Tensor]
+#: gate(source, tau, params, v) -> v * (surrogate derivative), shaped like x.
+Gate = Callable[[Source, float, dict[str, Any], Tensor], Tensor]
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 
 
-def _phi(z: Tensor) -> Tensor:
-    """Standard normal CDF, in place on a fresh tensor."""
-    return torch.special.ndtr(z, out=z)
+def _phi_(z: Tensor) -> Tensor:
+    """Standard normal CDF in place: Phi(z) = erfc(-z / sqrt(2)) / 2 (one fused op, unlike ``ndtr``)."""
+    return z.mul_(-_INV_SQRT_2).erfc_().mul_(0.5)
 
 
-def relu_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
-    """Phi(x / tau): ReLU and GELU."""
-    return _phi(src.scaled(1.0 / tau))
+def relu_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
+    """v * Phi(x / tau): ReLU and GELU. The constants fold into the one pass that recomputes x."""
+    u = src.scaled(-_INV_SQRT_2 / tau)
+    return u.erfc_().mul_(v).mul_(0.5)
 
 
-def leaky_relu_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
-    """s + (1 - s) * Phi(x / tau) for negative slope s."""
+def leaky_relu_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
+    """v * (s + (1 - s) * Phi(x / tau)) for negative slope s."""
     s = float(params.get("negative_slope", 0.01))
-    return _phi(src.scaled(1.0 / tau)).mul_(1.0 - s).add_(s)
+    return _phi_(src.scaled(1.0 / tau)).mul_(1.0 - s).add_(s).mul_(v)
 
 
-def hardtanh_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
-    """Phi((x - lo) / tau) - Phi((x - hi) / tau): smoothed indicator of lo < x < hi (ReLU6 too)."""
+def _band(z: Tensor, lo: float, hi: float) -> Tensor:
+    """Phi(z - lo) - Phi(z - hi): Gaussian-smoothed indicator of lo < z < hi (z consumed)."""
+    upper = _phi_(z - lo)
+    return upper.sub_(_phi_(z.sub_(hi)))
+
+
+def hardtanh_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
+    """v * (Phi((x - lo) / tau) - Phi((x - hi) / tau)): ReLU6 and hardtanh."""
     lo, hi = float(params.get("min_val", -1.0)), float(params.get("max_val", 1.0))
-    z = src.scaled(1.0 / tau)
-    return torch.special.ndtr(z - lo / tau).sub_(_phi(z.sub_(hi / tau)))
+    return _band(src.scaled(1.0 / tau), lo / tau, hi / tau).mul_(v)
 
 
-def elu_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
-    """Blend of ELU's two branch derivatives (1 and alpha*exp(x)) by the soft gate Phi(x / tau)."""
+def elu_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
+    """ELU's branch derivatives (1 and alpha*exp(x)) blended by the soft gate Phi(x / tau)."""
     alpha = float(params.get("alpha", 1.0))
     x = src.value()
-    p = torch.special.ndtr(x / tau)
+    p = _phi_(x / tau)
     neg = torch.exp(torch.clamp(x, max=0.0)).mul_(alpha)
-    return neg.mul_(1.0 - p).add_(p)
+    return neg.mul_(1.0 - p).add_(p).mul_(v)
 
 
-def silu_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
-    """sigmoid(x / tau): SiLU's gate, not its derivative (SPEC)."""
-    z = src.scaled(1.0 / tau)
-    return torch.sigmoid(z, out=z)
+def silu_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
+    """v * sigmoid(x / tau): SiLU's gate, not its derivative (SPEC)."""
+    return src.scaled(1.0 / tau).sigmoid_().mul_(v)
 
 
-def mish_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
-    """tanh(softplus(x / tau)): Mish's gate softened like SiLU's."""
-    return torch.tanh(torch.nn.functional.softplus(src.scaled(1.0 / tau)))
+def mish_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
+    """v * tanh(softplus(x / tau)): Mish's gate softened like SiLU's."""
+    return torch.nn.functional.softplus(src.scaled(1.0 / tau)).tanh_().mul_(v)
 
 
 def _smoothed_ramp(m: Tensor, tau: float) -> Tensor:
     """E[max(0, m + tau * eps)] for eps ~ N(0, 1)."""
     u = m / tau
     density = torch.exp(-0.5 * u * u).mul_(_INV_SQRT_2PI * tau)
-    return torch.special.ndtr(u).mul_(m).add_(density)
+    return _phi_(u).mul_(m).add_(density)
 
 
-def hardswish_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
-    """Gaussian-smoothed hardsigmoid gate E[hardsigmoid(x + tau*eps)] (x * gate is hardswish)."""
+def hardswish_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
+    """v * E[hardsigmoid(x + tau*eps)]: the Gaussian-smoothed gate of hardswish = x * hardsigmoid(x)."""
     x = src.value()
-    return (_smoothed_ramp(x + 3.0, tau) - _smoothed_ramp(x - 3.0, tau)).div_(6.0)
+    return (_smoothed_ramp(x + 3.0, tau) - _smoothed_ramp(x - 3.0, tau)).mul_(v / 6.0)
 
 
-def hardsigmoid_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
-    """Gaussian-smoothed derivative of hardsigmoid: (Phi((x+3)/tau) - Phi((x-3)/tau)) / 6."""
-    params = {"min_val": -3.0, "max_val": 3.0}
-    return hardtanh_gate(src, tau, params).div_(6.0)
+def hardsigmoid_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
+    """v * (Phi((x+3)/tau) - Phi((x-3)/tau)) / 6: Gaussian-smoothed derivative of hardsigmoid."""
+    return _band(src.scaled(1.0 / tau), -3.0 / tau, 3.0 / tau).mul_(v / 6.0)
 
 
 class SoftElementwise(torch.autograd.Function):
@@ -109,5 +114,5 @@ class SoftElementwise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
-        grad = ctx.gate(ctx.source, ctx.tau, ctx.params).mul_(v)
+        grad = ctx.gate(ctx.source, ctx.tau, ctx.params, v)
         return grad, None, None, None, None, None, None

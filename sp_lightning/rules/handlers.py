@@ -10,6 +10,7 @@ result with the original callable, so forward values are bit-identical.
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -212,10 +213,26 @@ def _einsum(mode: "SoftBackwardMode", func: Any, args: tuple, kwargs: dict) -> A
     return func(*args, **kwargs)
 
 
+def _with_inner_dispatch(fn: types.FunctionType) -> types.FunctionType:
+    """A copy of a torch Python function that skips its own ``__torch_function__`` check.
+
+    The original hands the whole call to the active mode (which is popped while
+    it handles a call), so the ops inside it would never reach the rules. The
+    copy runs the same body while the mode is active, so they do.
+    """
+    namespace = dict(fn.__globals__, has_torch_function=lambda *_: False)
+    copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
+
+
+_MHA_BODY = _with_inner_dispatch(F.multi_head_attention_forward)
+
+
 def _multi_head_attention(mode: "SoftBackwardMode", func: Any, args: tuple, kwargs: dict) -> Any:
-    """nn.MultiheadAttention computes attention inside one functional call: look inside it."""
-    with mode.nested():
-        return func(*args, **kwargs)
+    """nn.MultiheadAttention computes attention inside one functional call: run its body under the mode."""
+    with mode:
+        return _MHA_BODY(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- recipes (memory)

@@ -14,6 +14,11 @@ import torch
 from torch import Tensor
 
 
+def _at_least_float(t: Tensor) -> Tensor:
+    """Statistics in float32 for half/bfloat16 inputs, else in the input's own precision."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _sum_to(t: Tensor, like: Tensor) -> Tensor:
     """Sum leading dims so ``t`` matches ``like`` (trailing, LayerNorm-style parameters)."""
     return t.reshape(-1, *like.shape).sum(0)
@@ -28,7 +33,7 @@ class SoftLayerNorm(torch.autograd.Function):
     ) -> Tensor:
         out = call(x)
         red = tuple(range(x.dim() - dims, x.dim()))
-        xf = x.float()
+        xf = _at_least_float(x)
         if rms:
             center = None
             rstd = torch.rsqrt(xf.pow(2).mean(red, keepdim=True) + eps)
@@ -47,7 +52,7 @@ class SoftLayerNorm(torch.autograd.Function):
         grad_x = v * scale if ctx.needs_input_grad[0] else None
         normalized = None
         if x is not None:
-            normalized = ((x.float() if center is None else x.float() - center) * rstd).to(v.dtype)
+            normalized = ((_at_least_float(x) if center is None else _at_least_float(x) - center) * rstd).to(v.dtype)
         gw = _sum_to(v * normalized, weight) if normalized is not None else None
         gb = _sum_to(v, weight) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return grad_x, None, gw, gb, None, None, None
@@ -61,7 +66,7 @@ class SoftGroupNorm(torch.autograd.Function):
         ctx: Any, x: Tensor, call: Any, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float
     ) -> Tensor:
         out = call(x)
-        xg = x.float().reshape(x.shape[0], groups, -1)
+        xg = _at_least_float(x).reshape(x.shape[0], groups, -1)
         var, mean = torch.var_mean(xg, -1, unbiased=False, keepdim=True)
         rstd = torch.rsqrt(var + eps)
         needs_normalized = weight is not None and ctx.needs_input_grad[2]
@@ -81,7 +86,7 @@ class SoftGroupNorm(torch.autograd.Function):
         reduce_dims = [0] + list(range(2, v.dim()))
         gw = gb = None
         if x is not None:
-            xg = x.float().reshape(n, ctx.groups, -1)
+            xg = _at_least_float(x).reshape(n, ctx.groups, -1)
             normalized = ((xg - mean) * rstd).reshape(v.shape).to(v.dtype)
             gw = (v * normalized).sum(reduce_dims)
         if ctx.has_bias and ctx.needs_input_grad[3]:

@@ -6,8 +6,8 @@ constant); overlapping windows add up. Padded positions are -inf, as in the
 true max-pool, so they receive no weight; ``padding_mode="zeros"`` reproduces
 the reference code, which pads the soft window with zeros.
 
-The windows are visited one kernel offset at a time with strided views, so the
-backward needs a few output-sized buffers instead of a k*k-times larger unfold.
+The windows are visited one kernel offset at a time with strided views (k*k
+output-sized buffers, each exponential computed once) instead of an unfold copy.
 """
 
 from __future__ import annotations
@@ -57,13 +57,14 @@ def soft_maxpool_backward(
     peak = window(xp, *offsets[0]).clone()
     for i, j in offsets[1:]:
         torch.maximum(peak, window(xp, i, j), out=peak)
-    total = torch.zeros_like(peak)
-    for i, j in offsets:
-        total.add_(torch.exp(window(xp, i, j) - peak))
+    weights = [torch.sub(window(xp, i, j), peak).exp_() for i, j in offsets]
+    total = weights[0].clone()
+    for w in weights[1:]:
+        total.add_(w)
     routed = v / total
     gp = torch.zeros(v.shape[:-2] + xp.shape[-2:], dtype=v.dtype, device=v.device)
-    for i, j in offsets:
-        window(gp, i, j).addcmul_(torch.exp(window(xp, i, j) - peak), routed)
+    for (i, j), w in zip(offsets, weights):
+        window(gp, i, j).addcmul_(w, routed)
     return F.pad(gp, tuple(-p for p in pads))
 
 
