@@ -80,28 +80,44 @@ def child_peak(name: str, method: str, batch: int, size: int) -> None:
 
 def peak_mib(name: str, method: str, batch: int, size: int) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--child", name, method, str(batch), str(size)]
+    if torch.get_num_threads() == 1:
+        cmd[2:2] = ["--threads", "1"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn: Callable[[], object], clock: Callable[[], float]) -> float:
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small inputs, one model, few repeats")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="'cpu' (process CPU time) is robust on a shared machine when --threads 1")
+    parser.add_argument("--models", nargs="+", help="override the model list")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         name, method, batch, size = args.child
         child_peak(name, method, int(batch), int(size))
         return
     models, batch, size, repeats = (("resnet18",), 2, 64, 3) if args.quick else (MODELS, 8, 224, args.repeats)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch} at {size}x{size}")
+    models = args.models or models
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
+          f"batch {batch} at {size}x{size}, median of {repeats}")
     print(f"{'model':<10} {'grad s':>8} {'SP s':>8} {'time x':>7} {'grad MiB':>9} {'SP MiB':>8} {'mem x':>6} "
           f"{'RSS x':>6} {'4 calls s':>9} {'1 call s':>8} {'T=4 x':>6}")
     for name in models:
@@ -113,10 +129,10 @@ def main() -> None:
         grad(x, 1), soft(x, 1)  # warm-up
         t_grad, t_soft, t_four, t_one = [], [], [], []
         for _ in range(repeats):
-            t_grad.append(timed(lambda: grad(x, 1)))
-            t_soft.append(timed(lambda: soft(x, 1)))
-            t_four.append(timed(lambda: [soft(x, targets[:, i]) for i in range(4)]))
-            t_one.append(timed(lambda: soft(x, targets)))
+            t_grad.append(timed(lambda: grad(x, 1), clock))
+            t_soft.append(timed(lambda: soft(x, 1), clock))
+            t_four.append(timed(lambda: [soft(x, targets[:, i]) for i in range(4)], clock))
+            t_one.append(timed(lambda: soft(x, targets), clock))
         g, s, four, one = (statistics.median(t) for t in (t_grad, t_soft, t_four, t_one))
         m_grad, m_soft = peak_mib(name, "gradient", batch, size), peak_mib(name, "soft", batch, size)
         a_grad, a_soft = m_grad["alloc_mib"], m_soft["alloc_mib"]

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -89,6 +90,10 @@ class SoftBackward:
         if not handles:
             _ENABLED.pop(self.model, None)
 
+    def __deepcopy__(self, memo: dict) -> "SoftBackward":
+        """Copies of the model keep copies of the hooks, bound to this handle: they stay inert."""
+        return self
+
     def __enter__(self) -> "SoftBackward":
         return self.enable()
 
@@ -96,7 +101,8 @@ class SoftBackward:
         self.disable()
 
     def _enter(self, module: nn.Module, args: Any) -> None:
-        active = not self.suspended and self.rules.any_active
+        # ``module is not self.model``: a deep copy of the model carries copies of these hooks; they stay inert.
+        active = module is self.model and not self.suspended and self.rules.any_active and _backward_possible(module, args)
         if active:
             self._mode.__enter__()
         self._entered.append(active)
@@ -104,6 +110,20 @@ class SoftBackward:
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._entered and self._entered.pop():
             self._mode.__exit__(None, None, None)
+
+
+def _backward_possible(module: nn.Module, args: Any) -> bool:
+    """Whether this forward can be differentiated at all.
+
+    Without a possible backward the mode stays out of the way entirely, so the
+    forward takes exactly the path it takes without us (e.g. the fused
+    inference fast path of ``nn.MultiheadAttention``, which any active
+    ``__torch_function__`` handler disables).
+    """
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [a for a in (args if isinstance(args, tuple) else (args,)) if isinstance(a, torch.Tensor)]
+    return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in module.parameters())
 
 
 def soft_backward(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -12,7 +12,15 @@ from torch.nn import functional as F
 
 from sp_lightning import SoftRules, UncoveredGatedOpWarning, coverage_report, soft_backward
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64() -> Iterator[None]:
+    """Compare formulas in float64 (restored afterwards so other modules are unaffected)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 class Lambda(nn.Module):

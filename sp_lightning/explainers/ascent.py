@@ -91,8 +91,8 @@ class PullbackAscent(Explainer):
 
     def ascend(self, inputs: Tensor, target: TargetLike) -> AscentResult:
         """Run the ascent once; returns the attribution and the counterfactual (shaped like ``attribute``)."""
-        targets, single = self._targets(inputs, target)
         with self._session():
+            targets, single = self._targets(inputs, target)
             delta, final = self._ascend(inputs.detach().clone(), targets)
         if single:
             delta, final = delta[:, 0], final[:, 0]

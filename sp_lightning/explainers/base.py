@@ -44,7 +44,7 @@ def default_logits(output: Any) -> Tensor:
 
 
 def normalize_target(target: TargetLike, batch: int, device: torch.device) -> tuple[Tensor, bool]:
-    """Targets as a LongTensor (B, T), plus whether the caller passed a single target per input."""
+    """Targets as a fresh LongTensor (B, T), plus whether the caller passed a single target per input."""
     if isinstance(target, bool) or not isinstance(target, (int, Tensor)):
         raise TypeError(f"target must be an int or an integer tensor of shape (B,) or (B, T), got {type(target).__name__}.")
     if isinstance(target, int):
@@ -58,7 +58,7 @@ def normalize_target(target: TargetLike, batch: int, device: torch.device) -> tu
             f"target must have shape (B,) or (B, T) with B = {batch} (the batch size), got {tuple(target.shape)}."
         )
     single = target.dim() == 1
-    return (target.reshape(batch, -1) if single else target).to(device=device, dtype=torch.long), single
+    return (target.reshape(batch, -1) if single else target).to(device=device, dtype=torch.long).clone(), single
 
 
 @contextmanager
@@ -94,8 +94,8 @@ class Explainer:
 
     def attribute(self, inputs: Tensor, target: TargetLike) -> Tensor:
         """Explanation shaped like ``inputs`` (or (B, T, ...) for (B, T) targets)."""
-        targets, single = self._targets(inputs, target)
         with self._session():
+            targets, single = self._targets(inputs, target)
             result = self._attribute(inputs.detach().clone(), targets)
         return result[:, 0] if single else result
 
