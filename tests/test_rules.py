@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from sp_lightning import SoftRules, UncoveredGatedOpWarning, coverage_report, soft_backward
+from sp_lightning.rules.gates import TINY
 
 
 
@@ -79,7 +80,8 @@ def test_relu_rule_is_v_times_phi(form: str, x: Tensor, v: Tensor) -> None:
     fn = RELU_FORMS[form]
     out, (g,) = vjp(fn, (x,), v, {"relu": 0.6})
     assert torch.equal(out, F.relu(x))
-    torch.testing.assert_close(g, v * phi(x / 0.6), rtol=1e-12, atol=1e-12)
+    # exact up to the flushed tail: gate values <= TINY are set to 0 (no subnormal floats)
+    torch.testing.assert_close(g, v * phi(x / 0.6), rtol=1e-12, atol=TINY * v.abs().max())
 
 
 def test_inplace_relu_keeps_inplace_semantics(x: Tensor) -> None:
@@ -117,7 +119,7 @@ def test_gate_rules_match_formula(name: str, x: Tensor, v: Tensor) -> None:
     fn, rule, tau, expected = GATES[name]
     out, (g,) = vjp(fn, (x,), v, {rule: tau})
     assert torch.equal(out, fn(x))
-    torch.testing.assert_close(g, v * expected(x, tau), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g, v * expected(x, tau), rtol=1e-10, atol=TINY * v.abs().max())
 
 
 def test_hardswish_gate_is_gaussian_smoothed_hardsigmoid(x: Tensor, v: Tensor) -> None:
@@ -129,6 +131,14 @@ def test_hardswish_gate_is_gaussian_smoothed_hardsigmoid(x: Tensor, v: Tensor) -
     weights = weights / weights.sum()
     smoothed = (F.hardsigmoid(x.unsqueeze(-1) + tau * eps) * weights).sum(-1)
     torch.testing.assert_close(g, v * smoothed, rtol=1e-5, atol=1e-6)  # quadrature error ~1e-7
+
+
+def test_gate_tails_are_flushed_to_zero_not_subnormal() -> None:
+    """Far tails become exact zeros (like the plain ReLU), never subnormal floats that slow CPU kernels."""
+    x = torch.linspace(-30, 0, 301, dtype=torch.float32)
+    _, (g,) = vjp(F.relu, (x,), torch.ones_like(x))
+    assert not ((g != 0) & (g.abs() < torch.finfo(torch.float32).tiny)).any()
+    assert (g[x < -5] == 0).all() and (g[x > -3] > 0).all()
 
 
 def test_relu_small_tau_recovers_gradient(x: Tensor, v: Tensor) -> None:
@@ -438,3 +448,13 @@ def test_switched_off_rules_are_reported() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.GELU())
     report = coverage_report(model, torch.randn(3, 4), {"gelu": None})
     assert report.softened == {"relu": 1} and report.switched_off == {"gelu": 1} and report.clean
+
+
+def test_maxpool_extreme_dynamic_range_falls_back_exactly() -> None:
+    """Windows far below their channel's maximum would underflow the fast path: results stay exact."""
+    x = torch.randn(1, 2, 7, 7, generator=torch.Generator().manual_seed(6))
+    x[0, 0, 0, 0] = 500.0  # exp((x - 500) / 0.3) underflows everywhere else in channel 0
+    v = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(7))
+    _, (g,) = vjp(lambda t: F.max_pool2d(t.float(), 3, 2, 1).to(t.dtype), (x,), v.float().double())
+    expected = naive_soft_maxpool(x, v, (3, 3), (2, 2), (1, 1), (1, 1), 0.3, float("-inf"))
+    torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-6)

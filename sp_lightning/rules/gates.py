@@ -24,6 +24,14 @@ Gate = Callable[[Source, float, dict[str, Any], Tensor], Tensor]
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+#: Gate values at or below this are set to 0. Soft gates have tails (Phi(-15) ~ 1e-51) that
+#: would otherwise become subnormal floats, which slow every downstream CPU kernel several-fold.
+TINY = 1e-12
+
+
+def flush_tiny_(gate: Tensor) -> Tensor:
+    """Zero the far tail of a non-negative gate in place (see ``TINY``)."""
+    return torch.threshold_(gate, TINY, 0.0)
 
 
 def _phi_(z: Tensor) -> Tensor:
@@ -34,7 +42,7 @@ def _phi_(z: Tensor) -> Tensor:
 def relu_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
     """v * Phi(x / tau): ReLU and GELU. The constants fold into the one pass that recomputes x."""
     u = src.scaled(-_INV_SQRT_2 / tau)
-    return u.erfc_().mul_(v).mul_(0.5)
+    return flush_tiny_(u.erfc_()).mul_(v).mul_(0.5)
 
 
 def leaky_relu_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
@@ -52,7 +60,7 @@ def _band(z: Tensor, lo: float, hi: float) -> Tensor:
 def hardtanh_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
     """v * (Phi((x - lo) / tau) - Phi((x - hi) / tau)): ReLU6 and hardtanh."""
     lo, hi = float(params.get("min_val", -1.0)), float(params.get("max_val", 1.0))
-    return _band(src.scaled(1.0 / tau), lo / tau, hi / tau).mul_(v)
+    return flush_tiny_(_band(src.scaled(1.0 / tau), lo / tau, hi / tau)).mul_(v)
 
 
 def elu_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
@@ -61,17 +69,17 @@ def elu_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tens
     x = src.value()
     p = _phi_(x / tau)
     neg = torch.exp(torch.clamp(x, max=0.0)).mul_(alpha)
-    return neg.mul_(1.0 - p).add_(p).mul_(v)
+    return flush_tiny_(neg.mul_(1.0 - p).add_(p)).mul_(v)
 
 
 def silu_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
     """v * sigmoid(x / tau): SiLU's gate, not its derivative (SPEC)."""
-    return src.scaled(1.0 / tau).sigmoid_().mul_(v)
+    return flush_tiny_(src.scaled(1.0 / tau).sigmoid_()).mul_(v)
 
 
 def mish_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
     """v * tanh(softplus(x / tau)): Mish's gate softened like SiLU's."""
-    return torch.nn.functional.softplus(src.scaled(1.0 / tau)).tanh_().mul_(v)
+    return flush_tiny_(torch.nn.functional.softplus(src.scaled(1.0 / tau)).tanh_()).mul_(v)
 
 
 def _smoothed_ramp(m: Tensor, tau: float) -> Tensor:
@@ -84,12 +92,12 @@ def _smoothed_ramp(m: Tensor, tau: float) -> Tensor:
 def hardswish_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
     """v * E[hardsigmoid(x + tau*eps)]: the Gaussian-smoothed gate of hardswish = x * hardsigmoid(x)."""
     x = src.value()
-    return (_smoothed_ramp(x + 3.0, tau) - _smoothed_ramp(x - 3.0, tau)).mul_(v / 6.0)
+    return flush_tiny_(_smoothed_ramp(x + 3.0, tau) - _smoothed_ramp(x - 3.0, tau)).mul_(v / 6.0)
 
 
 def hardsigmoid_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
     """v * (Phi((x+3)/tau) - Phi((x-3)/tau)) / 6: Gaussian-smoothed derivative of hardsigmoid."""
-    return _band(src.scaled(1.0 / tau), -3.0 / tau, 3.0 / tau).mul_(v / 6.0)
+    return flush_tiny_(_band(src.scaled(1.0 / tau), -3.0 / tau, 3.0 / tau)).mul_(v / 6.0)
 
 
 class SoftElementwise(torch.autograd.Function):
