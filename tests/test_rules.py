@@ -458,3 +458,17 @@ def test_maxpool_extreme_dynamic_range_falls_back_exactly() -> None:
     _, (g,) = vjp(lambda t: F.max_pool2d(t.float(), 3, 2, 1).to(t.dtype), (x,), v.float().double())
     expected = naive_soft_maxpool(x, v, (3, 3), (2, 2), (1, 1), (1, 1), 0.3, float("-inf"))
     torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_param_grads_off_skips_parameter_gradients_only(x: Tensor, v: Tensor) -> None:
+    """Explainers need input gradients only; the norm rules then leave parameters out of the graph."""
+    from dataclasses import replace
+
+    ln = nn.LayerNorm(7)
+    leaf = x.clone().requires_grad_(True)
+    with soft_backward(ln, replace(SoftRules.create(), param_grads=False)):
+        out = ln(leaf)
+    g_input, g_weight = torch.autograd.grad(out, (leaf, ln.weight), v, allow_unused=True)
+    assert g_weight is None
+    _, (expected,) = vjp(ln, (x,), v)
+    torch.testing.assert_close(g_input, expected)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -89,7 +90,7 @@ class Explainer:
         if logits_fn is not None and not callable(logits_fn):
             raise TypeError("logits_fn must be callable: model output -> (B, num_classes) logits.")
         self.model = model
-        self.rules = rules
+        self.rules = replace(rules, param_grads=False)  # only input gradients are ever taken
         self.logits_fn = logits_fn or default_logits
 
     def attribute(self, inputs: Tensor, target: TargetLike) -> Tensor:

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .gates import TINY, flush_tiny_
+
 _SOFTMAX_TAG = "_sp_softmax"
 
 
@@ -36,11 +38,11 @@ def _value_cotangent(attn: Tensor, v: Tensor, value_shape: torch.Size) -> Tensor
 
 
 def soften(attn: Tensor, tau: float) -> Tensor:
-    """softmax(S / tau) from A = softmax(S) along the last dim (A^(1/tau), renormalised)."""
+    """softmax(S / tau) from A = softmax(S) along the last dim (A^(1/tau), renormalised), tails flushed."""
     if tau == 1.0:
-        return attn
+        return torch.threshold(attn, TINY, 0.0)  # a copy: ``attn`` is also saved by the softmax
     powered = attn.pow(1.0 / tau)
-    return powered / powered.sum(-1, keepdim=True).clamp_min(torch.finfo(powered.dtype).tiny)
+    return flush_tiny_(powered.div_(powered.sum(-1, keepdim=True).clamp_min(torch.finfo(powered.dtype).tiny)))
 
 
 class SoftSDPA(torch.autograd.Function):
@@ -79,7 +81,7 @@ class SoftSDPA(torch.autograd.Function):
                 logits = logits.masked_fill(~attn_mask, float("-inf"))
             else:
                 logits = logits + attn_mask / ctx.tau
-        attn = torch.softmax(logits, dim=-1)
+        attn = flush_tiny_(torch.softmax(logits, dim=-1))
         grad_v = attn.transpose(-2, -1).to(g.dtype) @ g
         value_shape = ctx.value_shape
         if len(value_shape) >= 3 and grad_v.shape[-3] != value_shape[-3]:

@@ -69,6 +69,9 @@ class SoftRules:
     temperatures: Mapping[str, float | bool | None] = field(default_factory=dict)
     maxpool_padding: MaxPoolPadding = "neginf"
     warn_uncovered: bool = True
+    #: Whether rules with parameters (the norms) compute parameter gradients. Explainers switch
+    #: it off: they only need input gradients, and a custom autograd Function cannot tell.
+    param_grads: bool = True
 
     @classmethod
     def create(

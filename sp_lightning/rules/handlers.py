@@ -132,6 +132,13 @@ def _max_pool2d(mode: "SoftBackwardMode", func: Any, args: tuple, kwargs: dict) 
     return SoftMaxPool2d.apply(x, lambda t: func(t, *rest, **kwargs), geometry, tau, mode.rules.maxpool_padding)
 
 
+def _params(mode: "SoftBackwardMode", *params: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The norm's parameters as the rule should see them (detached when no parameter gradient is wanted)."""
+    if mode.rules.param_grads:
+        return params
+    return tuple(None if p is None else p.detach() for p in params)
+
+
 def _layer_norm(mode: "SoftBackwardMode", func: Any, args: tuple, kwargs: dict) -> Any:
     x, shape = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "normalized_shape")
     weight, bias = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
@@ -142,6 +149,7 @@ def _layer_norm(mode: "SoftBackwardMode", func: Any, args: tuple, kwargs: dict) 
     eps = float(_arg(args, kwargs, 4, "eps", 1e-5))
     dims = 1 if isinstance(shape, int) else len(shape)
     rest = args[1:]
+    weight, bias = _params(mode, weight, bias)
     return SoftLayerNorm.apply(x, lambda t: func(t, *rest, **kwargs), weight, bias, dims, eps, False)
 
 
@@ -156,6 +164,7 @@ def _rms_norm(mode: "SoftBackwardMode", func: Any, args: tuple, kwargs: dict) ->
     eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
     dims = 1 if isinstance(shape, int) else len(shape)
     rest = args[1:]
+    (weight,) = _params(mode, weight)
     return SoftLayerNorm.apply(x, lambda t: func(t, *rest, **kwargs), weight, None, dims, eps, True)
 
 
@@ -168,6 +177,7 @@ def _group_norm(mode: "SoftBackwardMode", func: Any, args: tuple, kwargs: dict) 
         return func(*args, **kwargs)
     eps = float(_arg(args, kwargs, 4, "eps", 1e-5))
     rest = args[1:]
+    weight, bias = _params(mode, weight, bias)
     return SoftGroupNorm.apply(x, lambda t: func(t, *rest, **kwargs), weight, bias, groups, eps)
 
 

@@ -31,15 +31,19 @@ class SoftLayerNorm(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, x: Tensor, call: Any, weight: Tensor | None, bias: Tensor | None, dims: int, eps: float, rms: bool
     ) -> Tensor:
-        out = call(x)
         red = tuple(range(x.dim() - dims, x.dim()))
-        xf = _at_least_float(x)
-        if rms:
-            center = None
-            rstd = torch.rsqrt(xf.pow(2).mean(red, keepdim=True) + eps)
+        if not rms and not torch.is_autocast_enabled(x.device.type):
+            # The kernel behind F.layer_norm; it returns the statistics with the (identical) output.
+            out, center, rstd = torch.native_layer_norm(x, x.shape[x.dim() - dims :], weight, bias, eps)
         else:
-            var, center = torch.var_mean(xf, red, unbiased=False, keepdim=True)
-            rstd = torch.rsqrt(var + eps)
+            out = call(x)
+            xf = _at_least_float(x)
+            if rms:
+                center = None
+                rstd = torch.rsqrt(xf.pow(2).mean(red, keepdim=True) + eps)
+            else:
+                var, center = torch.var_mean(xf, red, unbiased=False, keepdim=True)
+                rstd = torch.rsqrt(var + eps)
         needs_normalized = weight is not None and ctx.needs_input_grad[2]
         ctx.save_for_backward(rstd, weight, x if needs_normalized else None, center)
         ctx.has_bias = bias is not None

@@ -63,13 +63,20 @@ def _separable_backward(
         return None
     peak = x.amax(dim=(-2, -1), keepdim=True)
     smallest = torch.finfo(x.dtype).tiny
-    e = torch.threshold_(torch.sub(x, peak).mul_(1.0 / tau).exp_(), smallest, 0.0)  # no subnormals
-    total = F.conv2d(e, ones, None, stride, padding, dilation, channels)
+
+    def weights(rows: slice) -> Tensor:
+        """exp((x - M) / tau) for some samples, with no subnormals left."""
+        return torch.threshold_(torch.sub(x[rows], peak[rows]).mul_(1.0 / tau).exp_(), smallest, 0.0)
+
+    total = F.conv2d(weights(slice(None)), ones, None, stride, padding, dilation, channels)
     if not bool((total > smallest * _DENOMINATOR_MARGIN).all()):
         return None
     routed = total.reciprocal_().mul_(v)
     spread = F.conv_transpose2d(routed, ones, None, stride, padding, spare, channels, dilation)
-    return spread.mul_(e)
+    # Recompute the weights one sample at a time rather than keep a second input-sized tensor alive.
+    for i in range(spread.shape[0]):
+        spread[i].mul_(weights(slice(i, i + 1))[0])
+    return spread
 
 
 def soft_maxpool_backward(
