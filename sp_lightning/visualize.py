@@ -17,6 +17,7 @@ built and tested on their own:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Literal
@@ -286,3 +287,15 @@ def explanation_panel(
     if not title:
         return row
     return torch.cat([text_image([title], row.shape[-1]).to(row), row], dim=-2)
+
+
+def to_pil(image: Tensor) -> Image.Image:
+    """A ``(3, H, W)`` float image in [0, 1] as an 8-bit PIL image."""
+    pixels = (image.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+    return Image.frombytes("RGB", (pixels.shape[1], pixels.shape[0]), pixels.cpu().numpy().tobytes())
+
+
+def save_png(image: Tensor, path: str) -> None:
+    """Write a ``(3, H, W)`` float image in [0, 1] to ``path`` (parent folders are created)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    to_pil(image).save(path, format="PNG")
