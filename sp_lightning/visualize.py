@@ -181,15 +181,9 @@ def _fit(text: str, width: int, draw: ImageDraw.ImageDraw) -> str:
     return text + "..."
 
 
-def text_image(lines: Sequence[str], width: int, background: float = 1.0) -> Tensor:
-    """Lines of black text on a plain strip ``(3, len(lines) * 14, width)``; long lines are cut with '...'."""
-    height = _LINE_HEIGHT * len(lines)
-    fill = round(255 * background)
-    canvas = Image.new("RGB", (width, height), (fill, fill, fill))
-    draw = ImageDraw.Draw(canvas)
-    for row, line in enumerate(lines):
-        draw.text((2, row * _LINE_HEIGHT + 1), _fit(line, width - 4, draw), fill=(0, 0, 0), font=_font())
-    pixels = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).view(height, width, 3)
+def _to_tensor(canvas: Image.Image) -> Tensor:
+    """An RGB PIL image as a float ``(3, H, W)`` tensor in [0, 1]."""
+    pixels = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).view(canvas.height, canvas.width, 3)
     return pixels.permute(2, 0, 1).float() / 255.0
 
 
@@ -219,9 +213,34 @@ def grid(images: Sequence[Tensor], ncol: int, pad: int = 4, fill: float = 1.0) -
     return out
 
 
-def captioned(tile: Tensor, lines: Sequence[str]) -> Tensor:
-    """A ``(3, H, W)`` tile with caption lines above it."""
-    return torch.cat([text_image(lines, tile.shape[-1]).to(tile), tile], dim=-2)
+def labelled_row(tiles: Tensor, captions: Sequence[Sequence[str]], title: str = "", pad: int = 4) -> Tensor:
+    """Tiles ``(N, 3, h, w)`` side by side with ``pad`` pixels around each, caption lines above each, a title on top.
+
+    All text is drawn in one PIL pass (lines that do not fit are cut with '...'), so
+    a row costs a handful of tensor operations whatever its length.
+    """
+    if tiles.dim() != 4 or tiles.shape[1] != 3:
+        raise ValueError(f"tiles must be (N, 3, h, w), got {tuple(tiles.shape)}.")
+    if len(captions) != tiles.shape[0]:
+        raise ValueError(f"got {len(captions)} captions for {tiles.shape[0]} tiles.")
+    count, _, height, width = tiles.shape
+    title_height = _LINE_HEIGHT if title else 0
+    text_height = title_height + pad + _LINE_HEIGHT * max((len(c) for c in captions), default=0)
+    total_width = pad + count * (width + pad)
+    canvas = Image.new("RGB", (total_width, text_height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((2, 1), _fit(title, total_width - 4, draw), fill=(0, 0, 0), font=_font())
+    for index, lines in enumerate(captions):
+        left = pad + index * (width + pad)
+        for row, line in enumerate(lines):
+            top = title_height + pad + row * _LINE_HEIGHT + 1
+            draw.text((left, top), _fit(line, width, draw), fill=(0, 0, 0), font=_font())
+    out = torch.ones(3, text_height + height + pad, total_width, dtype=tiles.dtype, device=tiles.device)
+    out[:, :text_height] = _to_tensor(canvas).to(out)
+    cells = out[:, text_height : text_height + height, pad:].unflatten(-1, (count, width + pad))
+    cells[..., :width] = tiles.permute(1, 2, 0, 3)
+    return out
 
 
 def explanation_panel(
@@ -260,11 +279,8 @@ def explanation_panel(
     if len(map_captions) != maps.shape[0]:
         raise ValueError(f"got {len(map_captions)} map captions for {maps.shape[0]} maps.")
     image = image.float().clamp(0.0, 1.0)
-    tiles = [to_rgb(image)]
-    captions: list[Sequence[str]] = [input_caption]
-    colours = heatmap(maps.float(), image if overlay else None, scale, opacity)
-    tiles.extend(colours.unbind(0))
-    captions.extend(map_captions)
+    tiles = [to_rgb(image)[None], heatmap(maps.float(), image if overlay else None, scale, opacity)]
+    captions: list[Sequence[str]] = [input_caption, *map_captions]
     if counterfactuals is not None:
         if counterfactuals.dim() != 4 or counterfactuals.shape[1:] != image.shape:
             raise ValueError(
@@ -275,18 +291,11 @@ def explanation_panel(
                 f"got {len(counterfactual_captions)} counterfactual captions for {counterfactuals.shape[0]} images."
             )
         cfs = counterfactuals.float().clamp(0.0, 1.0)
-        for cf, lines in zip(cfs, counterfactual_captions):
-            tiles.extend([to_rgb(cf), difference_image(cf - image)])
+        tiles.append(torch.stack([to_rgb(cfs), difference_image(cfs - image)], dim=1).flatten(0, 1))
+        for lines in counterfactual_captions:
             captions.extend([lines, [f"{lines[0]} - input"]])
-    lines = max(len(c) for c in captions)
-    cells = [
-        captioned(resize_for_display(tile, min_size, max_size), [*c, *[""] * (lines - len(c))])
-        for tile, c in zip(tiles, captions)
-    ]
-    row = grid(cells, ncol=len(cells), pad=pad)
-    if not title:
-        return row
-    return torch.cat([text_image([title], row.shape[-1]).to(row), row], dim=-2)
+    shown = resize_for_display(torch.cat(tiles), min_size, max_size)
+    return labelled_row(shown, captions, title, pad)
 
 
 def to_pil(image: Tensor) -> Image.Image:

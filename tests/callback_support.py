@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -122,3 +123,12 @@ def trainer_kwargs(tmp_path: Any, **overrides: Any) -> dict[str, Any]:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+@pytest.fixture
+def one_thread() -> Any:
+    """Run a test on one intra-op thread: tiny tensors are faster that way on a shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -6,7 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
+from callback_support import one_thread  # noqa: F401  (fixture)
 from sp_lightning import visualize as viz
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_reduce_channels_each_reduction() -> None:
@@ -111,14 +114,24 @@ def test_resize_for_display_keeps_pixels_crisp_when_enlarging() -> None:
     assert 0.0 <= float(shrunk.min()) and float(shrunk.max()) <= 1.0
 
 
-def test_text_image_draws_text_and_cuts_long_lines() -> None:
-    strip = viz.text_image(["SP: cat", ""], width=100)
-    assert strip.shape == (3, 28, 100)
-    assert float(strip[:, :14].min()) < 0.5  # dark glyphs on the first line
-    assert torch.equal(strip[:, 14:], torch.ones(3, 14, 100))  # second line empty
-    long = viz.text_image(["x" * 500], width=60)
-    assert long.shape == (3, 14, 60)
-    assert not torch.equal(viz.text_image(["cat"], 60), viz.text_image(["dog"], 60))
+def test_labelled_row_places_tiles_under_their_captions() -> None:
+    tiles = torch.stack([torch.zeros(3, 10, 20), torch.full((3, 10, 20), 0.5)])
+    row = viz.labelled_row(tiles, [["SP: cat", "true"], ["x" * 200]], title="probe 0", pad=4)
+    text = 14 + 4 + 2 * 14  # title, pad, two caption lines
+    assert row.shape == (3, text + 10 + 4, 4 + 2 * (20 + 4))
+    assert torch.equal(row[:, text : text + 10, 4:24], tiles[0])
+    assert torch.equal(row[:, text : text + 10, 28:48], tiles[1])
+    assert torch.equal(row[:, text : text + 10, 24:28], torch.ones(3, 10, 4))  # padding between tiles
+    assert float(row[:, :14].min()) < 0.5  # the title was drawn
+    assert float(row[:, 18:32, 4:24].min()) < 0.5  # the first caption line of tile 0
+    assert torch.equal(row[:, 32:46, 28:], torch.ones(3, 14, 24))  # tile 1 has one caption line
+    assert not torch.equal(
+        viz.labelled_row(tiles, [["cat"], ["dog"]])[:, :18, 4:24], viz.labelled_row(tiles, [["cow"], ["dog"]])[:, :18, 4:24]
+    )
+    with pytest.raises(ValueError, match="captions for 2 tiles"):
+        viz.labelled_row(tiles, [["a"]])
+    with pytest.raises(ValueError, match=r"\(N, 3, h, w\)"):
+        viz.labelled_row(torch.zeros(2, 1, 4, 4), [["a"], ["b"]])
 
 
 def test_grid_pads_and_places_cells() -> None:

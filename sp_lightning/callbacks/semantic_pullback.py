@@ -13,8 +13,8 @@ import dataclasses
 import os
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -83,6 +83,17 @@ def _no_autocast(device: torch.device) -> Any:
     return nullcontext()
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for drawing panels: on ~100 KB tensors, waking a thread pool costs more than the work."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class SemanticPullbackCallback(Callback):
     """Log Soft Pullbacks, counterfactuals and the gradient of a few fixed images while a classifier trains.
 
@@ -103,8 +114,8 @@ class SemanticPullbackCallback(Callback):
     Schedule:
         every_n_epochs: log at the end of every n-th training epoch (``None``: never).
         every_n_steps: log every n optimizer steps (``None``: never).
-        log_at_fit_start: log a step-0 baseline when fitting starts (after set-up,
-            never during the sanity check).
+        log_at_fit_start: log a baseline when training starts (step 0, or the resume
+            step unless it was logged before the checkpoint), never during the sanity check.
     Explanations:
         top_k: Soft Pullbacks toward the true label and the k highest-scoring other
             classes (without labels: the k top predicted classes).
@@ -269,7 +280,7 @@ class SemanticPullbackCallback(Callback):
     # ------------------------------------------------------------------ hooks
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Build and check everything (errors here, not mid-training), then log the baseline."""
+        """Build and check everything, so problems surface before any training step."""
         if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
             raise RuntimeError(
                 f"SemanticPullbackCallback does not support {type(trainer.strategy).__name__}: it shards the "
@@ -281,6 +292,9 @@ class SemanticPullbackCallback(Callback):
             self._probe = self._build_probe(trainer, pl_module)
         self._resolve_display(trainer)
         self._check_model(model)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The baseline: after the sanity check and after a resumed run's step counter is restored."""
         if self.log_at_fit_start:
             self._log(trainer, pl_module)
 
@@ -512,7 +526,8 @@ class SemanticPullbackCallback(Callback):
         if not trainer.is_global_zero:
             return
         try:  # rank 0 alone from here on: no collectives below
-            self._write(trainer, step, self._render(result))
+            with one_thread():
+                self._write(trainer, step, self._render(result))
             self._log_scalars(trainer, step, result, drift, time.perf_counter() - start)
         except Exception as exc:
             self._fail(step, self._describe(exc), exc)
