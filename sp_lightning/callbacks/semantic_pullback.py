@@ -296,17 +296,17 @@ class SemanticPullbackCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The baseline: after the sanity check and after a resumed run's step counter is restored."""
         if self.log_at_fit_start:
-            self._log(trainer, pl_module)
+            self.log_explanations(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0:
-            self._log(trainer, pl_module)
+            self.log_explanations(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._log(trainer, pl_module)
+            self.log_explanations(trainer, pl_module)
 
     # ------------------------------------------------------------------ set-up
 
@@ -357,8 +357,10 @@ class SemanticPullbackCallback(Callback):
     def _validation_loader(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """The first validation dataloader: Lightning's own, else the datamodule's or module's hook."""
         with isolated_rng():
-            trainer.fit_loop.epoch_loop.val_loop.setup_data()
-            loaders = trainer.val_dataloaders
+            loaders = None
+            if trainer.enable_validation:
+                trainer.fit_loop.epoch_loop.val_loop.setup_data()
+                loaders = trainer.val_dataloaders
             if loaders is None and trainer.datamodule is not None and is_overridden("val_dataloader", trainer.datamodule):
                 loaders = trainer.datamodule.val_dataloader()
             if loaders is None and is_overridden("val_dataloader", pl_module):
@@ -497,8 +499,13 @@ class SemanticPullbackCallback(Callback):
 
     # ------------------------------------------------------------------ one log
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Explain this rank's share, gather on every rank, let rank 0 write; failures handled per ``on_error``."""
+    def log_explanations(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Explain the probe set and log it at the current step (once per step; the schedule calls this).
+
+        Every rank explains its share and the results are gathered on every rank, so under
+        DDP call it from a hook that all ranks run. Rank 0 writes. Failures are handled as
+        ``on_error`` says. Works from any hook, also under ``torch.inference_mode``.
+        """
         step = trainer.global_step
         if step == self._last_step:
             return
