@@ -132,3 +132,14 @@ def one_thread() -> Any:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def swapped_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    """A ``batch_fn`` for the YAML test: reads ``(images, labels)`` from a tuple (by import path)."""
+    images, labels = batch
+    return images, labels
+
+
+def first_output(output: Any) -> Tensor:
+    """A ``logits_fn`` for the YAML test (by import path)."""
+    return output
