@@ -26,7 +26,10 @@ from sp_lightning import SemanticPullbackCallback, SoftPullback
 from sp_lightning.callbacks import Explanations
 from sp_lightning.visualize import reduce_channels
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:SemanticPullbackCallback found no TensorBoardLogger"),
+]
 
 
 class Flaky(TinyClassifier):
@@ -150,7 +153,9 @@ def test_logging_from_a_validation_hook_under_inference_mode(tmp_path) -> None:
 
 def live_tensors() -> tuple[int, int]:
     gc.collect()
-    tensors = [o for o in gc.get_objects() if isinstance(o, Tensor)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # isinstance on torch's deprecated module proxies warns
+        tensors = [o for o in gc.get_objects() if isinstance(o, Tensor)]
     return len(tensors), sum(t.untyped_storage().nbytes() for t in tensors)
 
 
@@ -271,7 +276,8 @@ images8, labels8 = blob_images(8)
         (Flaky, Data((images8, labels8 + 6)), {}, ValueError, r"labels range over \[6, 9\] .* 4 classes"),
         (Flaky, Blobs4(), {"top_k": 4}, ValueError, "top_k=4 but the model has only 3 classes"),
         (Flaky, Blobs4(), {"class_names": ["a", "b"]}, ValueError, "2 class names for a model with 4 classes"),
-        (Flaky, Blobs4(), {"mean": [0.5, 0.5], "std": [0.2, 0.2]}, ValueError, "2 values but .* 3 channels"),
+        (Flaky, Blobs4(), {"mean": [0.5, 0.5], "std": [0.2, 0.2]}, ValueError, "mean has 2 values but .* 3 channels"),
+        (Flaky, Blobs4(), {"input_bounds": ([0, 0], 1)}, ValueError, "input_bounds has 2 values"),
         (Flaky, Blobs4(), {"model_attr": "backbone"}, AttributeError, "no nn.Module attribute"),
     ],
 )
@@ -289,6 +295,11 @@ def test_no_validation_data_and_no_images_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="needs probe images.*images=\\.\\.\\."):
         trainer.fit(model, train_dataloaders=BlobData().train_dataloader())
     assert model.steps == 0
+
+
+def test_logging_before_set_up_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="set-up done at fit start"):
+        SemanticPullbackCallback().log_explanations(SimpleNamespace(global_step=0), TinyClassifier())
 
 
 def test_parameter_sharding_strategies_are_refused() -> None:

@@ -22,7 +22,10 @@ from callback_support import (  # noqa: F401  (one_thread is a fixture)
 from sp_lightning import SemanticPullbackCallback
 from sp_lightning.callbacks import Explanations
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:SemanticPullbackCallback found no TensorBoardLogger"),
+]
 
 STEPS_PER_EPOCH = 4  # BlobData: 64 training images, batch 16
 

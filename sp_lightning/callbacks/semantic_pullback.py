@@ -378,22 +378,21 @@ class SemanticPullbackCallback(Callback):
         channels = images.shape[1]
         datamodule = trainer.datamodule
         names = self.class_names
-        if names is None and datamodule is not None:
-            names = getattr(datamodule, "class_names", None) or getattr(datamodule, "classes", None)
+        for attribute in ("class_names", "classes"):
+            if names is None and datamodule is not None:
+                names = getattr(datamodule, attribute, None)
         self._names = [str(n) for n in names] if names is not None else None
         mean, std = self.mean, self.std
         if mean is None and datamodule is not None and getattr(datamodule, "mean", None) is not None:
-            mean, std = datamodule.mean, datamodule.std
+            mean, std = datamodule.mean, getattr(datamodule, "std", None)
+            if std is None:
+                raise ValueError(f"{type(datamodule).__name__} has a `mean` attribute but no `std`; give it both.")
         if self.input_bounds is not None:
-            low, high = (torch.as_tensor(b, dtype=torch.float32).expand(channels).clone() for b in self.input_bounds)
+            low, high = (self._per_channel(b, channels, "input_bounds") for b in self.input_bounds)
         elif mean is not None:
-            mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
-            std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
-            if mean_t.numel() not in (1, channels) or std_t.numel() != mean_t.numel():
-                raise ValueError(
-                    f"mean/std have {mean_t.numel()} values but the probe images have {channels} channels."
-                )
-            low, high = ((0.0 - mean_t) / std_t).expand(channels), ((1.0 - mean_t) / std_t).expand(channels)
+            mean_t = self._per_channel(mean, channels, "mean")
+            std_t = self._per_channel(std, channels, "std")
+            low, high = (0.0 - mean_t) / std_t, (1.0 - mean_t) / std_t
         elif images.min() >= 0 and images.max() <= 1:
             low, high = torch.zeros(channels), torch.ones(channels)
         else:
@@ -408,6 +407,17 @@ class SemanticPullbackCallback(Callback):
         self._bounds = (low.contiguous(), high.contiguous())
         width = float((high - low).mean())
         self._alpha = self.ascent_alpha or equivalent_alpha(images.shape[1:], range_width=width)
+
+    @staticmethod
+    def _per_channel(value: Any, channels: int, name: str) -> Tensor:
+        """One float per channel from a number or a per-channel sequence."""
+        values = torch.as_tensor(value, dtype=torch.float32).flatten()
+        if values.numel() not in (1, channels):
+            raise ValueError(
+                f"{name} has {values.numel()} values but the probe images have {channels} channels "
+                "(give one value, or one per channel)."
+            )
+        return values.expand(channels).clone()
 
     def _check_model(self, model: nn.Module) -> None:
         """Run the probe set once: clear errors now for unreadable logits and out-of-range targets."""
@@ -506,6 +516,8 @@ class SemanticPullbackCallback(Callback):
         DDP call it from a hook that all ranks run. Rank 0 writes. Failures are handled as
         ``on_error`` says. Works from any hook, also under ``torch.inference_mode``.
         """
+        if self._probe is None or self._bounds is None:
+            raise RuntimeError("log_explanations needs the set-up done at fit start; call it during trainer.fit.")
         step = trainer.global_step
         if step == self._last_step:
             return
