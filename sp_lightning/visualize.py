@@ -257,6 +257,7 @@ def explanation_panel(
     min_size: int = 128,
     max_size: int = 256,
     pad: int = 4,
+    differences: bool = True,
 ) -> Tensor:
     """One labelled row: input | heatmap per map | (counterfactual | counterfactual - input) per counterfactual.
 
@@ -269,6 +270,7 @@ def explanation_panel(
         title: a line above the whole row.
         scale: fixed colour scale for the maps (``None``: per-map "normalise by negative").
         overlay: blend heatmaps over the grey input (else plain colour).
+        differences: show each counterfactual's difference to the input beside it.
     Returns:
         ``(3, H', W')`` float image in [0, 1].
     """
@@ -290,10 +292,12 @@ def explanation_panel(
             raise ValueError(
                 f"got {len(counterfactual_captions)} counterfactual captions for {counterfactuals.shape[0]} images."
             )
-        cfs = counterfactuals.float().clamp(0.0, 1.0)
-        tiles.append(torch.stack([to_rgb(cfs), difference_image(cfs - image)], dim=1).flatten(0, 1))
+        cfs = to_rgb(counterfactuals.float().clamp(0.0, 1.0))
+        if differences:
+            cfs = torch.stack([cfs, difference_image(cfs - to_rgb(image))], dim=1).flatten(0, 1)
+        tiles.append(cfs)
         for lines in counterfactual_captions:
-            captions.extend([lines, [f"{lines[0]} - input"]])
+            captions.extend([lines, [f"{lines[0]} - input"]] if differences else [lines])
     shown = resize_for_display(torch.cat(tiles), min_size, max_size)
     return labelled_row(shown, captions, title, pad)
 

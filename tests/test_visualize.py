@@ -149,7 +149,7 @@ def test_grid_pads_and_places_cells() -> None:
 
 
 def _panel(**overrides: object) -> torch.Tensor:
-    image = torch.rand(3, 16, 16)
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
     maps = torch.zeros(2, 16, 16)
     maps[0, :8] = 1.0  # top half positive
     maps[1, :, 8:] = -1.0  # right half negative
@@ -182,6 +182,12 @@ def test_explanation_panel_layout_and_content() -> None:
     difference = panel[:, top : top + 64, 4 + 4 * 68 : 4 + 4 * 68 + 64]
     assert float(difference.mean()) > 0.5  # the counterfactual is brighter
     assert float(panel[:, :title].min()) < 0.5  # the title was drawn
+
+
+def test_explanation_panel_without_differences() -> None:
+    panel = _panel(differences=False)
+    assert panel.shape[-1] == 4 + 4 * (64 + 4)  # input | 2 heatmaps | counterfactual
+    assert torch.equal(panel[:, -68:-4, -68:-4], _panel()[:, -68:-4, -136:-72])  # the same counterfactual tile
 
 
 def test_explanation_panel_captions_name_the_classes() -> None:

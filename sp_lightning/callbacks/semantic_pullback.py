@@ -587,10 +587,17 @@ class SemanticPullbackCallback(Callback):
         return ((images - low) / (high - low)).clamp(0.0, 1.0)
 
     def _render(self, result: Explanations) -> dict[str, Tensor]:
-        """One labelled panel per probe image and an overview grid of all of them, keyed by TensorBoard tag."""
+        """A labelled panel per probe image and a compact overview grid, keyed by TensorBoard tag.
+
+        The overview shows, for every probe image, the input, the Soft Pullback toward
+        the first target (the true label) and the counterfactual toward it.
+        """
         assert self._probe is not None
         labels = self._probe.labels
+        style = dict(scale=self.color_scale, overlay=self.overlay, opacity=self.opacity,
+                     min_size=self.min_image_size, max_size=self.max_image_size)
         panels: dict[str, Tensor] = {}
+        summaries: list[Tensor] = []
         for i, image in enumerate(self._probe.images):
             probs, targets = result.probabilities[i], result.targets[i]
             predicted = int(probs.argmax())
@@ -615,12 +622,16 @@ class SemanticPullbackCallback(Callback):
                     for c, g in zip(result.counterfactual_targets[i], result.logit_gain[i])
                 ]
             input_caption = ["input", f"true: {self._name(int(labels[i]))}" if labels is not None else "no label"]
+            shown = self._display(image)
             panels[f"{self.tag}/probe_{i:02d}"] = explanation_panel(
-                self._display(image), maps, captions, counterfactuals, cf_captions, title=title,
-                input_caption=input_caption, scale=self.color_scale, overlay=self.overlay, opacity=self.opacity,
-                min_size=self.min_image_size, max_size=self.max_image_size,
+                shown, maps, captions, counterfactuals, cf_captions, title=title, input_caption=input_caption,
+                **style,
             )
-        panels[f"{self.tag}/overview"] = grid(list(panels.values()), ncol=1)
+            summaries.append(explanation_panel(
+                shown, maps[:1], captions[:1], None if counterfactuals is None else counterfactuals[:1],
+                cf_captions[:1], title=title, input_caption=input_caption, differences=False, **style,
+            ))
+        panels[f"{self.tag}/overview"] = grid(summaries, ncol=2)
         return panels
 
     def _write(self, trainer: pl.Trainer, step: int, panels: dict[str, Tensor]) -> None:
