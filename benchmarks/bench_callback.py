@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_callback.py            # ~9 min: 2 epochs of ~60 s, twice each way
     .venv/bin/python benchmarks/bench_callback.py --quick    # ~1 min smoke run
+    .venv/bin/python benchmarks/bench_callback.py --threads 1  # both runs on one intra-op thread
 
 A small CNN trains on generated 32x32 RGB images (10 classes) with a TensorBoard
 logger, once without and once with the callback at its defaults (8 probe images,
@@ -155,10 +156,13 @@ def main() -> None:
     parser.add_argument("--epoch-seconds", type=float, default=60.0, help="training time per epoch to aim for")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration, alternating")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads for both (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 s epochs, 1 epoch, 1 repeat")
     args = parser.parse_args()
     if args.quick:
         args.epoch_seconds, args.epochs, args.repeats = 8.0, 1, 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     batches = calibrate(args.epoch_seconds)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {batches} batches of {BATCH} per epoch "
           f"(~{args.epoch_seconds:.0f} s), {args.epochs} epochs, {args.repeats} runs each way", flush=True)

@@ -311,4 +311,4 @@ def to_pil(image: Tensor) -> Image.Image:
 def save_png(image: Tensor, path: str) -> None:
     """Write a ``(3, H, W)`` float image in [0, 1] to ``path`` (parent folders are created)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    to_pil(image).save(path, format="PNG")
+    to_pil(image).save(path, format="PNG", compress_level=1)  # fast: panels are mostly flat colour
