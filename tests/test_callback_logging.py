@@ -163,7 +163,14 @@ def test_class_names_and_denormalisation_come_from_the_datamodule(tmp_path, monk
     callback = SemanticPullbackCallback(num_images=4, top_k=2, log_at_fit_start=False)
     fit(callback, tmp_path, mock=False)
     probe = callback.probe
-    assert len(seen) == 4
+    assert len(seen) == 8  # a full panel per image, then a compact one for the overview
+    full = [panel for panel in seen if panel.get("differences", True)]
+    compact = [panel for panel in seen if not panel.get("differences", True)]
+    assert len(full) == len(compact) == 4
+    for panel, summary in zip(full, compact):  # the overview: input | SP toward the true label | its counterfactual
+        assert summary["captions"] == panel["captions"][:1] and summary["cf_captions"] == panel["cf_captions"][:1]
+        assert torch.equal(summary["cf"], panel["cf"][:1]) and torch.equal(summary["image"], panel["image"])
+    seen = full
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
     for i, panel in enumerate(seen):
         true_name = CLASS_NAMES[int(probe.labels[i])]
@@ -269,3 +276,34 @@ def test_state_dict_round_trip() -> None:
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         callback.load_state_dict({**state, "images": torch.rand(3, 16, 16)})
     assert callback.state_key != SemanticPullbackCallback(tag="other").state_key
+
+
+def _explanations(index: torch.Tensor) -> Explanations:
+    """Fake results whose every field encodes the probe index."""
+    n = len(index)
+    value = index.float()
+    return Explanations(
+        probabilities=value[:, None].expand(n, 4).clone(),
+        targets=index[:, None].expand(n, 2).clone(),
+        soft_maps=value.view(n, 1, 1, 1).expand(n, 2, 3, 3).clone(),
+        counterfactuals=value.view(n, 1, 1, 1, 1).expand(n, 2, 3, 3, 3).clone(),
+    )
+
+
+@pytest.mark.parametrize(("count", "world_size"), [(5, 2), (5, 3), (3, 4)])
+def test_merge_shards_restores_probe_order(count: int, world_size: int) -> None:
+    index = torch.arange(count)
+    shards = [_explanations(index[rank::world_size]) if rank < count else None for rank in range(world_size)]
+    merged = module.merge_shards(shards, world_size)
+    expected = _explanations(index)
+    for name in ("probabilities", "targets", "soft_maps", "counterfactuals"):
+        assert torch.equal(getattr(merged, name), getattr(expected, name)), name
+    assert merged.gradient_maps is None and merged.cosine is None
+
+
+def test_correlation_of_maps() -> None:
+    maps = torch.randn(3, 5, 5)
+    constant = torch.ones(3, 5, 5)
+    assert torch.allclose(module.correlation(maps, maps), torch.ones(3))
+    assert torch.allclose(module.correlation(maps, -2 * maps + 1), -torch.ones(3))
+    assert torch.equal(module.correlation(maps, constant), torch.zeros(3))
