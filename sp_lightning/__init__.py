@@ -1,5 +1,6 @@
 """sp-lightning: Semantic Pullbacks for PyTorch Lightning."""
 
+from .callbacks import SemanticPullbackCallback
 from .context import SoftBackward, soft_backward
 from .coverage import CoverageReport, coverage_report
 from .explainers import (
@@ -27,6 +28,7 @@ __all__ = [
     "Gradient",
     "GradientAscent",
     "PullbackAscent",
+    "SemanticPullbackCallback",
     "SmoothGrad",
     "SmoothPullback",
     "SoftBackward",

@@ -1,0 +1,192 @@
+"""Overhead of the default ``SemanticPullbackCallback()`` on a small CPU training run.
+
+    .venv/bin/python benchmarks/bench_callback.py            # ~9 min: 2 epochs of ~60 s, twice each way
+    .venv/bin/python benchmarks/bench_callback.py --quick    # ~1 min smoke run
+    .venv/bin/python benchmarks/bench_callback.py --threads 1  # both runs on one intra-op thread
+
+A small CNN trains on generated 32x32 RGB images (10 classes) with a TensorBoard
+logger, once without and once with the callback at its defaults (8 probe images,
+a baseline plus one log per epoch), alternating (without, with, without, with) in
+one process so that changes in machine load hit both alike. The epoch length is
+calibrated to ``--epoch-seconds`` of training first. Printed: the ratio of total
+``trainer.fit`` wall time with / without the callback (the target is <= 1.02), the
+same ratio for process CPU time, and the callback's own seconds per log (its
+``semantic_pullback/seconds`` scalar) as a share of an epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sp_lightning import SemanticPullbackCallback  # noqa: E402
+
+MEAN, STD = [0.45, 0.45, 0.45], [0.25, 0.25, 0.25]
+BATCH = 64
+
+
+class SmallCNN(pl.LightningModule):
+    """Four conv layers with BatchNorm, max-pooling, dropout and a linear head (about 100k parameters)."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Dropout(0.2), nn.Linear(128, classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, labels = batch
+        return F.cross_entropy(self(images), labels)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images, labels = batch
+        self.log("val_loss", F.cross_entropy(self(images), labels))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def generated(count: int, seed: int) -> TensorDataset:
+    """Images whose class sets the colour and position of a bright patch, normalised with MEAN/STD."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (count,), generator=generator)
+    images = 0.3 * torch.rand(count, 3, 32, 32, generator=generator)
+    for i, label in enumerate(labels.tolist()):
+        top, left = 4 + 2 * (label % 5), 4 + 10 * (label // 5)
+        images[i, label % 3, top : top + 12, left : left + 12] += 0.7
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return TensorDataset((images.clamp(0, 1) - mean) / std, labels)
+
+
+class Data(pl.LightningDataModule):
+    """Generated train/val data with the attributes the callback reads."""
+
+    def __init__(self, batches: int) -> None:
+        super().__init__()
+        self.mean, self.std = MEAN, STD
+        self.class_names = [f"class {i}" for i in range(10)]
+        self.train_set, self.val_set = generated(batches * BATCH, 0), generated(256, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, BATCH, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, BATCH)
+
+
+class Seconds(Logger):
+    """Keeps the callback's per-log ``seconds`` scalar."""
+
+    name, version = "seconds", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: list[float] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if "semantic_pullback/seconds" in metrics:
+            self.values.append(metrics["semantic_pullback/seconds"])
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def calibrate(epoch_seconds: float) -> int:
+    """Training batches that take about ``epoch_seconds``."""
+    model, data = SmallCNN(), generated(BATCH * 4, 2)
+    optimizer = model.configure_optimizers()
+    loader = DataLoader(data, BATCH)
+    for _ in range(2):
+        for step, batch in enumerate(loader):
+            if step == 1:
+                start = time.perf_counter()
+            optimizer.zero_grad()
+            model.training_step(batch, 0).backward()
+            optimizer.step()
+    per_batch = (time.perf_counter() - start) / (len(loader) - 1)
+    return max(4, round(epoch_seconds / per_batch))
+
+
+def run(with_callback: bool, batches: int, epochs: int, root: str) -> tuple[float, float, list[float]]:
+    """One fit: (wall seconds, CPU seconds, the callback's seconds per log)."""
+    pl.seed_everything(0, verbose=False)
+    seconds = Seconds()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        callbacks=[SemanticPullbackCallback()] if with_callback else [],
+        logger=[TensorBoardLogger(root), seconds],
+        default_root_dir=root,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
+        log_every_n_steps=10,
+    )
+    model, data = SmallCNN(), Data(batches)
+    wall, cpu = time.perf_counter(), time.process_time()
+    trainer.fit(model, datamodule=data)
+    return time.perf_counter() - wall, time.process_time() - cpu, seconds.values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epoch-seconds", type=float, default=60.0, help="training time per epoch to aim for")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration, alternating")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads for both (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 8 s epochs, 1 epoch, 1 repeat")
+    args = parser.parse_args()
+    if args.quick:
+        args.epoch_seconds, args.epochs, args.repeats = 8.0, 1, 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    batches = calibrate(args.epoch_seconds)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {batches} batches of {BATCH} per epoch "
+          f"(~{args.epoch_seconds:.0f} s), {args.epochs} epochs, {args.repeats} runs each way", flush=True)
+    walls: dict[bool, list[float]] = {False: [], True: []}
+    cpus: dict[bool, list[float]] = {False: [], True: []}
+    per_log: list[float] = []
+    with tempfile.TemporaryDirectory() as root:
+        for repeat in range(args.repeats):
+            for with_callback in (False, True):
+                wall, cpu, logs = run(with_callback, batches, args.epochs, os.path.join(root, str(repeat)))
+                walls[with_callback].append(wall)
+                cpus[with_callback].append(cpu)
+                per_log.extend(logs)
+                label = "with   " if with_callback else "without"
+                extra = f", {len(logs)} logs: " + ", ".join(f"{s:.2f}" for s in logs) + " s" if logs else ""
+                print(f"  run {repeat + 1} {label}: wall {wall:7.1f} s, cpu {cpu:7.1f} s{extra}", flush=True)
+    wall_ratio = sum(walls[True]) / sum(walls[False])
+    cpu_ratio = sum(cpus[True]) / sum(cpus[False])
+    epoch = sum(walls[False]) / (args.repeats * args.epochs)
+    log = statistics.median(per_log) if per_log else math.nan
+    print(f"callback seconds per log: median {log:.2f} s = {100 * log / epoch:.2f}% of a {epoch:.1f} s epoch")
+    print(f"CPU-time ratio with/without: {cpu_ratio:.4f}")
+    print(f"RATIO wall time with/without callback: {wall_ratio:.4f} (target <= 1.02)")
+
+
+if __name__ == "__main__":
+    main()
