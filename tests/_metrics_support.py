@@ -57,3 +57,62 @@ def record_draws(metric: Any, name: str = "_uniform") -> list[Tensor]:
 
     setattr(metric, name, recording)
     return draws
+
+
+def cnn_with_train_layers(seed: int = 0) -> nn.Module:
+    """A CNN whose output depends on train/eval mode (BatchNorm, Dropout); returned in train mode."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    ).train()
+
+
+def all_metrics(model: nn.Module, seed: int = 0) -> dict[str, tuple[Any, tuple[Tensor, ...]]]:
+    """Every metric, configured to be quick, with the extra update arguments it needs."""
+    from sp_lightning import SoftPullback
+    from sp_lightning.metrics import (
+        FaithfulnessCorrelation,
+        FaithfulnessEstimate,
+        Focus,
+        Infidelity,
+        MaxSensitivity,
+        MonotonicityCorrelation,
+        PointingGame,
+        RandomLogit,
+        RelevanceMass,
+    )
+
+    g = torch.Generator().manual_seed(7)
+    masks = torch.rand(BATCH, SIDE, SIDE, generator=g) > 0.5
+    tiles = torch.randint(0, 10, (BATCH, 4), generator=g)
+    return {
+        "FaithfulnessEstimate": (FaithfulnessEstimate(model, seed=seed), ()),
+        "FaithfulnessCorrelation": (FaithfulnessCorrelation(model, seed=seed), ()),
+        "Infidelity": (Infidelity(model, repeats=1, seed=seed), ()),
+        "MonotonicityCorrelation": (MonotonicityCorrelation(model, samples=1, seed=seed), ()),
+        "MaxSensitivity": (MaxSensitivity(model, SoftPullback(model), samples=2, seed=seed), ()),
+        "RandomLogit": (RandomLogit(model, SoftPullback(model), seed=seed), ()),
+        "Focus": (Focus(model, seed=seed), (tiles,)),
+        "PointingGame": (PointingGame(model, seed=seed), (masks,)),
+        "RelevanceMass": (RelevanceMass(model, seed=seed), (masks,)),
+    }
+
+
+METRIC_NAMES = [
+    "FaithfulnessEstimate",
+    "FaithfulnessCorrelation",
+    "Infidelity",
+    "MonotonicityCorrelation",
+    "MaxSensitivity",
+    "RandomLogit",
+    "Focus",
+    "PointingGame",
+    "RelevanceMass",
+]
+STOCHASTIC = ["Infidelity", "MonotonicityCorrelation", "MaxSensitivity", "RandomLogit"]

@@ -161,7 +161,7 @@ class ExplanationMetric(Metric):
 
     def compute(self) -> Tensor:
         """Mean score over all samples seen (and all ranks); NaN scores are left out with a warning."""
-        scores = dim_zero_cat(self.sample_scores) if self.sample_scores else torch.empty(0)
+        scores = self._all_scores()
         undefined = int(torch.isnan(scores).sum())
         if undefined:
             rank_zero_warn(
@@ -174,9 +174,14 @@ class ExplanationMetric(Metric):
     def per_sample_scores(self) -> Tensor:
         """Every sample's score in update order (rank 0's samples first under DDP)."""
         with self.sync_context(should_sync=self._to_sync, should_unsync=self._should_unsync):
-            if not self.sample_scores:
-                return torch.empty(0, device=self.device)
-            return dim_zero_cat(self.sample_scores).clone()
+            return self._all_scores().clone()
+
+    def _all_scores(self) -> Tensor:
+        """The score state as one tensor (a list before syncing, one tensor after)."""
+        state = self.sample_scores
+        if isinstance(state, Tensor) or state:
+            return dim_zero_cat(state)
+        return torch.empty(0, device=self.device)
 
     def _record(self, scores: Tensor) -> None:
         self.sample_scores.append(scores.detach().to(torch.float32))
@@ -306,3 +311,14 @@ class ExplainerMetric(ExplanationMetric):
         if explainer.model is not model:
             raise ValueError("explainer explains a different model than the one given to the metric; build it on `model`.")
         self.explainer = explainer
+
+    def _explain(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """The explainer's attributions of ``inputs`` toward ``targets`` (B,).
+
+        Workaround, to drop once the engine copies targets itself: explainers fail on
+        target tensors made under ``torch.inference_mode()`` (autograd cannot save them
+        for ``gather``), so targets are copied outside inference mode first.
+        """
+        with torch.inference_mode(False):
+            targets = targets.clone()
+        return self.explainer.attribute(inputs, targets)

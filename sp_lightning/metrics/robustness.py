@@ -68,7 +68,7 @@ class MaxSensitivity(ExplainerMetric):
             draws = min(per_call, self.samples - first)
             noise = torch.stack([self._uniform(tuple(x.shape), -self.radius, self.radius, like=x) for _ in range(draws)])
             noisy = (x.unsqueeze(0) + noise).flatten(0, 1)
-            explained = self.explainer.attribute(noisy, t.repeat(draws)).reshape(draws, batch, -1)
+            explained = self._explain(noisy, t.repeat(draws)).reshape(draws, batch, -1)
             ratios.append((explained - reference).norm(dim=2) / scale)
         ratios = torch.cat(ratios)
         worst = torch.where(ratios.isnan(), -torch.inf, ratios).amax(dim=0)
@@ -121,7 +121,7 @@ class RandomLogit(ExplainerMetric):
         other = draw + (draw >= t).long()  # uniform over the classes != target
         explained = torch.cat(
             [
-                self.explainer.attribute(x[i : i + self.batch_size], other[i : i + self.batch_size])
+                self._explain(x[i : i + self.batch_size], other[i : i + self.batch_size])
                 for i in range(0, x.shape[0], self.batch_size)
             ]
         )
