@@ -28,7 +28,8 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from ..context import suspended
-from ..explainers.base import Explainer, LogitsFn, TargetLike, default_logits, normalize_target
+from ..explainers.base import Explainer, LogitsFn, TargetLike, normalize_target
+from ..explainers.pullback import Gradient
 
 #: Side of the inputs the paper's patch sizes and step sizes refer to (SPEC section 6).
 REFERENCE_SIDE = 224
@@ -70,6 +71,13 @@ def rank_steps(values: Tensor, step: int, descending: bool) -> tuple[Tensor, int
     positions = torch.arange(count, device=values.device).expand_as(order)
     ranks = torch.empty_like(order).scatter_(1, order, positions)
     return ranks // step, math.ceil(count / step)
+
+
+def group_sums(values: Tensor, groups: Tensor, count: int) -> Tensor:
+    """Row-wise sums of ``values`` (B, F) per group index in ``groups`` (B, F) or (1, F), as (B, count), wide."""
+    wide = _wide(values)
+    out = torch.zeros(values.shape[0], count, dtype=wide.dtype, device=values.device)
+    return out.scatter_add_(1, groups.expand_as(values), wide)
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -143,15 +151,13 @@ class ExplanationMetric(Metric):
         super().__init__(**kwargs)
         if not isinstance(model, nn.Module):
             raise TypeError(f"Metrics need the model as a torch.nn.Module, got {type(model).__name__}.")
-        if logits_fn is not None and not callable(logits_fn):
-            raise TypeError("logits_fn must be callable: model output -> (B, num_classes) logits.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int (inputs per model call), got {batch_size!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
         # Borrowed, not registered: .to() must not move it and state_dict() must not hold its weights.
         self.__dict__["model"] = model
-        self.logits_fn: LogitsFn = logits_fn or default_logits
+        self._reader = Gradient(model, logits_fn)  # hard rules: .logits() is the plain forward, checked
         self.batch_size = batch_size
         self.seed = seed
         self._generator: torch.Generator | None = None
@@ -249,14 +255,8 @@ class ExplanationMetric(Metric):
             raise ValueError(f"{name} perturbs square image patches: inputs must be (B, C, H, W), got {tuple(inputs.shape)}.")
 
     def _logits(self, inputs: Tensor) -> Tensor:
-        logits = self.logits_fn(self.model(inputs))
-        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
-            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise ValueError(
-                f"Expected logits of shape (B, num_classes) with B = {inputs.shape[0]}, got {shape}. "
-                "Pass logits_fn=... to map the model output to logits."
-            )
-        return logits
+        """(B, num_classes) logits of a plain forward (shape checked by the explainers' own reader)."""
+        return self._reader.logits(inputs)
 
     def _outputs(
         self, count: int, build: Callable[[Tensor], Tensor], targets: Tensor, softmax: bool = False
@@ -294,16 +294,8 @@ class ExplanationMetric(Metric):
 class ExplainerMetric(ExplanationMetric):
     """A metric that re-runs an explainer (from :mod:`sp_lightning.explainers`) on new inputs or targets."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        explainer: Explainer,
-        logits_fn: LogitsFn | None = None,
-        batch_size: int = 64,
-        seed: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(model, logits_fn, batch_size, seed, **kwargs)
+    def __init__(self, model: nn.Module, explainer: Explainer, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
         if not isinstance(explainer, Explainer):
             raise TypeError(
                 f"explainer must be an sp_lightning explainer (e.g. SoftPullback(model)), got {type(explainer).__name__}."

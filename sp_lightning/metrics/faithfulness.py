@@ -17,12 +17,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..explainers.base import LogitsFn, TargetLike
+from ..explainers.base import TargetLike
 from .base import (
     ExplanationMetric,
     _wide,
     block_ids,
     evaluating,
+    group_sums,
     pearson,
     rank_steps,
     scaled_patch,
@@ -46,7 +47,47 @@ def _check_positive(**values: int | None) -> None:
             raise ValueError(f"{name} must be a positive int (or None for the paper's default), got {value!r}.")
 
 
-class FaithfulnessEstimate(ExplanationMetric):
+def _ranked_steps(
+    x: Tensor, a: Tensor, abs: bool, features_in_step: int | None, descending: bool
+) -> tuple[Tensor, Tensor, int, Tensor]:
+    """Flat inputs (B, F), each element's step (B, F), the number of steps, and each step's attribution sum (B, S).
+
+    Elements are ranked by (absolute) attribution; ``None`` steps keep the paper's 48 steps.
+    """
+    batch = x.shape[0]
+    flat_x, flat_a = x.reshape(batch, -1), a.reshape(batch, -1)
+    if abs:
+        flat_a = flat_a.abs()
+    step = features_in_step or scaled_step(3136, flat_x.shape[1])
+    steps_of, count = rank_steps(flat_a, step, descending)
+    return flat_x, steps_of, count, group_sums(flat_a, steps_of, count)
+
+
+class _RemovalCorrelation(ExplanationMetric):
+    """Remove one group of input elements at a time (set it to ``baseline``); correlate attribution sums with logit drops."""
+
+    def __init__(self, model: nn.Module, baseline: float, abs: bool, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        _check_baseline(float(baseline), (0.0, 1.0))
+        self.baseline, self.abs = float(baseline), bool(abs)
+
+    def _score_removals(self, x: Tensor, targets: Tensor, groups: Tensor, count: int, sums: Tensor) -> None:
+        """``groups`` (B or 1, F): each flat element's group; ``sums`` (B, count): each group's attribution."""
+        batch = x.shape[0]
+        flat_x, groups = x.reshape(batch, -1), groups.expand(batch, -1)
+
+        def build(index: Tensor) -> Tensor:
+            sample, removed = index % batch, index // batch
+            out = torch.where(groups[sample] == removed[:, None], self.baseline, flat_x[sample])
+            return out.view(-1, *x.shape[1:])
+
+        with evaluating(self.model):
+            clean = self._clean_outputs(x, targets)
+            perturbed = self._outputs(count * batch, build, targets).view(count, batch).T
+        self._record(pearson(sums, clean[:, None] - perturbed))
+
+
+class FaithfulnessEstimate(_RemovalCorrelation):
     """Faithfulness estimate (Alvarez-Melis & Jaakkola), higher is better.
 
     Elements (every channel of every pixel) are sorted by descending ``|attribution|``
@@ -62,6 +103,8 @@ class FaithfulnessEstimate(ExplanationMetric):
         baseline: the value removed elements are set to (paper: 0).
         abs: rank and sum ``|attribution|`` (paper) instead of the signed attribution.
 
+        **kwargs: ``logits_fn``, ``batch_size``, ``seed`` (see :class:`ExplanationMetric`), torchmetrics options.
+
     Cost: ``ceil(numel / features_in_step)`` forward passes per sample (48 by default).
     """
 
@@ -73,37 +116,17 @@ class FaithfulnessEstimate(ExplanationMetric):
         features_in_step: int | None = None,
         baseline: float = 0.0,
         abs: bool = True,
-        logits_fn: LogitsFn | None = None,
-        batch_size: int = 64,
-        seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(model, logits_fn, batch_size, seed, **kwargs)
+        super().__init__(model, baseline, abs, **kwargs)
         _check_positive(features_in_step=features_in_step)
-        _check_baseline(float(baseline), (0.0, 1.0))
-        self.features_in_step, self.baseline, self.abs = features_in_step, float(baseline), bool(abs)
+        self.features_in_step = features_in_step
 
     def update(self, inputs: Tensor, attributions: Tensor, target: TargetLike) -> None:
         """Score a batch: inputs (B, ...), attributions shaped like them (or one channel), target int or (B,)."""
         x, a, t = self._prepare(inputs, attributions, target)
-        batch = x.shape[0]
-        flat_x, flat_a = x.reshape(batch, -1), a.reshape(batch, -1)
-        if self.abs:
-            flat_a = flat_a.abs()
-        step = self.features_in_step or scaled_step(3136, flat_x.shape[1])
-        steps_of, count = rank_steps(flat_a, step, descending=True)
-        sums = torch.zeros(batch, count, dtype=_wide(flat_a).dtype, device=x.device)
-        sums.scatter_add_(1, steps_of, _wide(flat_a))
-
-        def build(index: Tensor) -> Tensor:
-            sample, removed = index % batch, index // batch
-            out = torch.where(steps_of[sample] == removed[:, None], self.baseline, flat_x[sample])
-            return out.view(-1, *x.shape[1:])
-
-        with evaluating(self.model):
-            clean = self._clean_outputs(x, t)
-            perturbed = self._outputs(count * batch, build, t).view(count, batch).T
-        self._record(pearson(sums, clean[:, None] - perturbed))
+        _, steps_of, count, sums = _ranked_steps(x, a, self.abs, self.features_in_step, descending=True)
+        self._score_removals(x, t, steps_of, count, sums)
 
 
 class MonotonicityCorrelation(ExplanationMetric):
@@ -131,6 +154,8 @@ class MonotonicityCorrelation(ExplanationMetric):
         abs: rank and sum ``|attribution|`` (Quantus default, paper).
         softmax: score probabilities (paper) or raw logits.
 
+        **kwargs: ``logits_fn``, ``batch_size``, ``seed`` (see :class:`ExplanationMetric`), torchmetrics options.
+
     Cost: ``samples * 48`` forward passes per sample by default (480).
     """
 
@@ -146,12 +171,9 @@ class MonotonicityCorrelation(ExplanationMetric):
         eps: float = 1e-5,
         abs: bool = True,
         softmax: bool = True,
-        logits_fn: LogitsFn | None = None,
-        batch_size: int = 64,
-        seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(model, logits_fn, batch_size, seed, **kwargs)
+        super().__init__(model, **kwargs)
         _check_positive(features_in_step=features_in_step, samples=samples)
         _check_baseline(baseline, uniform_range)
         if not eps >= 0:
@@ -164,13 +186,7 @@ class MonotonicityCorrelation(ExplanationMetric):
         """Score a batch: inputs (B, ...), attributions shaped like them (or one channel), target int or (B,)."""
         x, a, t = self._prepare(inputs, attributions, target)
         batch = x.shape[0]
-        flat_x, flat_a = x.reshape(batch, -1), a.reshape(batch, -1)
-        if self.abs:
-            flat_a = flat_a.abs()
-        step = self.features_in_step or scaled_step(3136, flat_x.shape[1])
-        steps_of, count = rank_steps(flat_a, step, descending=False)
-        sums = torch.zeros(batch, count, dtype=_wide(flat_a).dtype, device=x.device)
-        sums.scatter_add_(1, steps_of, _wide(flat_a))
+        flat_x, steps_of, count, sums = _ranked_steps(x, a, self.abs, self.features_in_step, descending=False)
         draws = (count, self.samples, batch)
         if self.baseline == "uniform":
             values = self._uniform(draws, *self.uniform_range, like=flat_x)
@@ -193,7 +209,7 @@ class MonotonicityCorrelation(ExplanationMetric):
         self._record(spearman(sums, variances))
 
 
-class FaithfulnessCorrelation(ExplanationMetric):
+class FaithfulnessCorrelation(_RemovalCorrelation):
     """Faithfulness correlation, patch variant (SPEC section 6), higher is better.
 
     The image is cut into non-overlapping ``patch_size`` squares (16 blocks of 56x56 on
@@ -211,6 +227,8 @@ class FaithfulnessCorrelation(ExplanationMetric):
         baseline: the value a removed block is set to (paper: 0).
         abs: sum ``|attribution|`` (paper) instead of the signed attribution.
 
+        **kwargs: ``logits_fn``, ``batch_size``, ``seed`` (see :class:`ExplanationMetric`), torchmetrics options.
+
     Cost: one forward pass per block per sample (16 by default): a cheap default for
     monitoring during training.
     """
@@ -223,15 +241,11 @@ class FaithfulnessCorrelation(ExplanationMetric):
         patch_size: int | None = None,
         baseline: float = 0.0,
         abs: bool = True,
-        logits_fn: LogitsFn | None = None,
-        batch_size: int = 64,
-        seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(model, logits_fn, batch_size, seed, **kwargs)
+        super().__init__(model, baseline, abs, **kwargs)
         _check_positive(patch_size=patch_size)
-        _check_baseline(float(baseline), (0.0, 1.0))
-        self.patch_size, self.baseline, self.abs = patch_size, float(baseline), bool(abs)
+        self.patch_size = patch_size
 
     def update(self, inputs: Tensor, attributions: Tensor, target: TargetLike) -> None:
         """Score a batch: inputs (B, C, H, W), attributions shaped like them (or one channel), target int or (B,)."""
@@ -241,19 +255,8 @@ class FaithfulnessCorrelation(ExplanationMetric):
         if self.abs:
             a = a.abs()
         ids, count = block_ids(height, width, self.patch_size or scaled_patch(56, height, width), x.device)
-        per_pixel = _wide(a).sum(dim=1).reshape(batch, -1)
-        sums = torch.zeros(batch, count, dtype=per_pixel.dtype, device=x.device)
-        sums.scatter_add_(1, ids.reshape(1, -1).expand(batch, -1), per_pixel)
-
-        def build(index: Tensor) -> Tensor:
-            sample, removed = index % batch, index // batch
-            mask = ids == removed[:, None, None]
-            return torch.where(mask[:, None], self.baseline, x[sample])
-
-        with evaluating(self.model):
-            clean = self._clean_outputs(x, t)
-            perturbed = self._outputs(count * batch, build, t).view(count, batch).T
-        self._record(pearson(sums, clean[:, None] - perturbed))
+        sums = group_sums(_wide(a).sum(dim=1).reshape(batch, -1), ids.reshape(1, -1), count)
+        self._score_removals(x, t, ids.reshape(1, 1, -1).expand(1, x.shape[1], -1).reshape(1, -1), count, sums)
 
 
 class Infidelity(ExplanationMetric):
@@ -281,6 +284,8 @@ class Infidelity(ExplanationMetric):
         uniform_range: range of the uniform values (the paper's inputs live in [-1, 1]).
         abs: use ``|attribution|`` instead of the signed attribution (paper: signed).
 
+        **kwargs: ``logits_fn``, ``batch_size``, ``seed`` (see :class:`ExplanationMetric`), torchmetrics options.
+
     Cost: ``repeats * sum(blocks)`` forward passes per sample (100 by default).
     """
 
@@ -294,12 +299,9 @@ class Infidelity(ExplanationMetric):
         baseline: Baseline = "uniform",
         uniform_range: tuple[float, float] = (-1.0, 1.0),
         abs: bool = False,
-        logits_fn: LogitsFn | None = None,
-        batch_size: int = 64,
-        seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(model, logits_fn, batch_size, seed, **kwargs)
+        super().__init__(model, **kwargs)
         if patch_sizes is not None:
             if isinstance(patch_sizes, (str, int)) or not len(patch_sizes):
                 raise ValueError(f"patch_sizes must be a non-empty list of ints (or None), got {patch_sizes!r}.")
@@ -348,12 +350,11 @@ class Infidelity(ExplanationMetric):
         # b_j = f_c(x) - f_c(x_j), as (round, sample, perturbation) for each patch size.
         drops = (clean[:, None] - perturbed.transpose(1, 2)).split([count for _, count in grids], dim=2)
         wide_a = _wide(a)
+        products, masses = (wide_a * _wide(x)).sum(dim=1).reshape(batch, -1), wide_a.sum(dim=1).reshape(batch, -1)
         losses = []
         for s, ((ids, count), observed) in enumerate(zip(grids, drops)):
-            flat_ids = ids.reshape(1, -1).expand(batch, -1)
-            dot = torch.zeros(batch, count, dtype=wide_a.dtype, device=x.device)
-            dot.scatter_add_(1, flat_ids, (wide_a * _wide(x)).sum(dim=1).reshape(batch, -1))
-            mass = torch.zeros_like(dot).scatter_add_(1, flat_ids, wide_a.sum(dim=1).reshape(batch, -1))
+            dot = group_sums(products, ids.reshape(1, -1), count)
+            mass = group_sums(masses, ids.reshape(1, -1), count)
             # a_j = <a, x - x_j> summed block by block: block k adds dot_k - value_k * mass_k.
             predicted = (dot - _wide(values[:, s, :count]).transpose(1, 2) * mass).cumsum(dim=2)
             losses.append(self._optimal_scaling_loss(predicted, observed))  # (R, B)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..explainers.base import LogitsFn, TargetLike
+from ..explainers.base import TargetLike
 from .base import ExplanationMetric, _wide
 
 Relevance = Literal["attribution", "input_x_attribution"]
@@ -99,16 +99,8 @@ def make_mosaics(
 class _LocalisationMetric(ExplanationMetric):
     """Shared set-up: the relevance choice and its computation."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        relevance: Relevance,
-        logits_fn: LogitsFn | None,
-        batch_size: int,
-        seed: int,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(model, logits_fn, batch_size, seed, **kwargs)
+    def __init__(self, model: nn.Module, relevance: Relevance, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
         if relevance not in ("attribution", "input_x_attribution"):
             raise ValueError(f"relevance must be 'attribution' or 'input_x_attribution', got {relevance!r}.")
         self.relevance = relevance
@@ -118,6 +110,62 @@ class _LocalisationMetric(ExplanationMetric):
         x, a, targets = self._prepare(inputs, attributions, target)
         self._images(x, type(self).__name__)
         return _wide(x * a if self.relevance == "input_x_attribution" else a), targets
+
+
+class Focus(_LocalisationMetric):
+    """Focus (Arias-Duart et al.) on 2x2 mosaics, higher is better; chance level is 0.5.
+
+    Only positive relevance counts (by default ``inputs * attributions``, the paper's);
+    the score is the share of it inside the quadrants whose tile shows the target class:
+    ``sum(relevance+ in target quadrants) / (sum(relevance+) + 1e-9)``. Quadrants split
+    the image at ``H // 2`` and ``W // 2``. Same as ``quantus.Focus`` given
+    ``a_batch = relevance`` and ``custom_batch = positions``. Build mosaics with
+    :func:`make_mosaics`; the scale of the inputs does not matter.
+
+    Args:
+        relevance: ``"input_x_attribution"`` (paper) or ``"attribution"``.
+        **kwargs: ``seed`` etc. (see :class:`ExplanationMetric`), torchmetrics options.
+    """
+
+    higher_is_better = True
+
+    def __init__(self, model: nn.Module, relevance: Relevance = "input_x_attribution", **kwargs: Any) -> None:
+        super().__init__(model, relevance, **kwargs)
+
+    def update(self, inputs: Tensor, attributions: Tensor, target: TargetLike, tile_labels: Tensor) -> None:
+        """Score mosaics (B, C, H, W) explained toward ``target``; ``tile_labels`` (B, 4) as from :func:`make_mosaics`."""
+        relevance, targets = self._relevance(inputs, attributions, target)
+        relevance = relevance.clamp_min(0)
+        batch, _, height, width = relevance.shape
+        if not isinstance(tile_labels, Tensor) or tile_labels.shape != (batch, 4) or tile_labels.is_floating_point():
+            raise ValueError(f"tile_labels must be an integer tensor (B, 4) = ({batch}, 4): the class in each quadrant.")
+        positions = tile_labels.to(targets.device) == targets[:, None]
+        rows = (torch.arange(height, device=relevance.device) >= height // 2).long()
+        cols = (torch.arange(width, device=relevance.device) >= width // 2).long()
+        quadrant = rows[:, None] * 2 + cols[None, :]  # 0 TL, 1 TR, 2 BL, 3 BR
+        inside = positions[:, quadrant].unsqueeze(1)  # (B, 1, H, W)
+        total = relevance.flatten(1).sum(dim=1)
+        self._record((relevance * inside).flatten(1).sum(dim=1) / (total + 1e-9))
+
+
+class _MaskMetric(_LocalisationMetric):
+    """Scores relevance against ground-truth masks; empty masks score NaN."""
+
+    def __init__(self, model: nn.Module, relevance: Relevance = "attribution", **kwargs: Any) -> None:
+        super().__init__(model, relevance, **kwargs)
+
+    def update(self, inputs: Tensor, attributions: Tensor, target: TargetLike, masks: Tensor) -> None:
+        """Score a batch (B, C, H, W) against ground-truth ``masks`` (B, H, W), (B, 1, H, W) or (B, C, H, W).
+
+        ``target`` is only checked against the batch: the mask already belongs to the explained class.
+        """
+        relevance = self._relevance(inputs, attributions, target)[0].flatten(1)
+        inside = self._masks(masks, inputs).flatten(1)
+        self._record(torch.where(inside.any(dim=1), self._score(relevance, inside), torch.nan))
+
+    def _score(self, relevance: Tensor, inside: Tensor) -> Tensor:
+        """Per-sample score of flat relevance (B, N) against a flat boolean mask (B, N)."""
+        raise NotImplementedError
 
     @staticmethod
     def _masks(masks: Tensor, like: Tensor) -> Tensor:
@@ -136,107 +184,39 @@ class _LocalisationMetric(ExplanationMetric):
         return masks.to(device=like.device, dtype=torch.bool).expand(like.shape)
 
 
-class Focus(_LocalisationMetric):
-    """Focus (Arias-Duart et al.) on 2x2 mosaics, higher is better; chance level is 0.5.
-
-    Only positive relevance counts (by default ``inputs * attributions``, the paper's);
-    the score is the share of it inside the quadrants whose tile shows the target class:
-    ``sum(relevance+ in target quadrants) / (sum(relevance+) + 1e-9)``. Quadrants split
-    the image at ``H // 2`` and ``W // 2``. Same as ``quantus.Focus`` given
-    ``a_batch = relevance`` and ``custom_batch = positions``. Build mosaics with
-    :func:`make_mosaics`; the scale of the inputs does not matter.
-    """
-
-    higher_is_better = True
-
-    def __init__(
-        self,
-        model: nn.Module,
-        relevance: Relevance = "input_x_attribution",
-        logits_fn: LogitsFn | None = None,
-        batch_size: int = 64,
-        seed: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(model, relevance, logits_fn, batch_size, seed, **kwargs)
-
-    def update(self, inputs: Tensor, attributions: Tensor, target: TargetLike, tile_labels: Tensor) -> None:
-        """Score mosaics (B, C, H, W) explained toward ``target``; ``tile_labels`` (B, 4) as from :func:`make_mosaics`."""
-        relevance, targets = self._relevance(inputs, attributions, target)
-        relevance = relevance.clamp_min(0)
-        batch, _, height, width = relevance.shape
-        if not isinstance(tile_labels, Tensor) or tile_labels.shape != (batch, 4) or tile_labels.is_floating_point():
-            raise ValueError(f"tile_labels must be an integer tensor (B, 4) = ({batch}, 4): the class in each quadrant.")
-        positions = tile_labels.to(targets.device) == targets[:, None]
-        rows = (torch.arange(height, device=relevance.device) >= height // 2).long()
-        cols = (torch.arange(width, device=relevance.device) >= width // 2).long()
-        quadrant = rows[:, None] * 2 + cols[None, :]  # 0 TL, 1 TR, 2 BL, 3 BR
-        inside = positions[:, quadrant].unsqueeze(1)  # (B, 1, H, W)
-        total = relevance.flatten(1).sum(dim=1)
-        self._record((relevance * inside).flatten(1).sum(dim=1) / (total + 1e-9))
-
-
-class PointingGame(_LocalisationMetric):
+class PointingGame(_MaskMetric):
     """Pointing game (Zhang et al.), higher is better: 1 when the maximal relevance lies in the mask, else 0.
 
     Ties count as a hit when any maximal element is inside. A one-channel mask covers
     every channel. Samples with an empty mask score NaN (left out of the mean with a
     warning); Quantus 0.6.0 writes NaN into a boolean array there, which reads as a hit.
     Same as ``quantus.PointingGame`` otherwise.
+
+    Args:
+        relevance: ``"attribution"`` (as Quantus scores ``a_batch``) or ``"input_x_attribution"``.
+        **kwargs: see :class:`ExplanationMetric`, torchmetrics options.
     """
 
     higher_is_better = True
 
-    def __init__(
-        self,
-        model: nn.Module,
-        relevance: Relevance = "attribution",
-        logits_fn: LogitsFn | None = None,
-        batch_size: int = 64,
-        seed: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(model, relevance, logits_fn, batch_size, seed, **kwargs)
-
-    def update(self, inputs: Tensor, attributions: Tensor, target: TargetLike, masks: Tensor) -> None:
-        """Score a batch (B, C, H, W) against ground-truth ``masks`` (B, H, W), (B, 1, H, W) or (B, C, H, W).
-
-        ``target`` is only checked against the batch: the mask already belongs to the explained class.
-        """
-        relevance = self._relevance(inputs, attributions, target)[0].flatten(1)
-        inside = self._masks(masks, inputs).flatten(1)
+    def _score(self, relevance: Tensor, inside: Tensor) -> Tensor:
         peak = relevance == relevance.amax(dim=1, keepdim=True)
-        hit = (peak & inside).any(dim=1).to(relevance.dtype)
-        self._record(torch.where(inside.any(dim=1), hit, torch.nan))
+        return (peak & inside).any(dim=1).to(relevance.dtype)
 
 
-class RelevanceMass(_LocalisationMetric):
+class RelevanceMass(_MaskMetric):
     """Relevance mass accuracy (Arras et al.), higher is better: the share of the relevance inside the mask.
 
     ``sum(relevance in mask) / sum(relevance)`` with signed relevance, as Quantus 0.6.0
     computes it (pass ``attributions.clamp_min(0)`` or ``.abs()`` for the positive-only
     or absolute variants). A one-channel mask covers every channel; empty masks score NaN.
+
+    Args:
+        relevance: ``"attribution"`` (as Quantus scores ``a_batch``) or ``"input_x_attribution"``.
+        **kwargs: see :class:`ExplanationMetric`, torchmetrics options.
     """
 
     higher_is_better = True
 
-    def __init__(
-        self,
-        model: nn.Module,
-        relevance: Relevance = "attribution",
-        logits_fn: LogitsFn | None = None,
-        batch_size: int = 64,
-        seed: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(model, relevance, logits_fn, batch_size, seed, **kwargs)
-
-    def update(self, inputs: Tensor, attributions: Tensor, target: TargetLike, masks: Tensor) -> None:
-        """Score a batch (B, C, H, W) against ground-truth ``masks`` (B, H, W), (B, 1, H, W) or (B, C, H, W).
-
-        ``target`` is only checked against the batch: the mask already belongs to the explained class.
-        """
-        relevance = self._relevance(inputs, attributions, target)[0].flatten(1)
-        inside = self._masks(masks, inputs).flatten(1)
-        share = (relevance * inside).sum(dim=1) / relevance.sum(dim=1)
-        self._record(torch.where(inside.any(dim=1), share, torch.nan))
+    def _score(self, relevance: Tensor, inside: Tensor) -> Tensor:
+        return (relevance * inside).sum(dim=1) / relevance.sum(dim=1)

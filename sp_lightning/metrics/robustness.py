@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..explainers.base import Explainer, LogitsFn, TargetLike
+from ..explainers.base import Explainer, TargetLike
 from .base import ExplainerMetric, evaluating, pearson
 
 
@@ -33,6 +33,8 @@ class MaxSensitivity(ExplainerMetric):
         samples: noise draws (paper: 10).
         radius: half-width of the uniform noise (paper: 0.02).
 
+        **kwargs: ``logits_fn``, ``batch_size``, ``seed`` (see :class:`ExplanationMetric`), torchmetrics options.
+
     Cost: ``samples`` explanations per sample (each a forward and a backward for SP).
     """
 
@@ -44,12 +46,9 @@ class MaxSensitivity(ExplainerMetric):
         explainer: Explainer,
         samples: int = 10,
         radius: float = 0.02,
-        logits_fn: LogitsFn | None = None,
-        batch_size: int = 64,
-        seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(model, explainer, logits_fn, batch_size, seed, **kwargs)
+        super().__init__(model, explainer, **kwargs)
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive int, got {samples!r}.")
         if not radius > 0:
@@ -87,6 +86,8 @@ class RandomLogit(ExplainerMetric):
         explainer: re-run toward the random class (built on ``model``).
         num_classes: classes to draw from; ``None`` reads it from one forward pass.
 
+        **kwargs: ``logits_fn``, ``batch_size``, ``seed`` (see :class:`ExplanationMetric`), torchmetrics options.
+
     Cost: one explanation per sample: a cheap default for monitoring during training.
     """
 
@@ -97,12 +98,9 @@ class RandomLogit(ExplainerMetric):
         model: nn.Module,
         explainer: Explainer,
         num_classes: int | None = None,
-        logits_fn: LogitsFn | None = None,
-        batch_size: int = 64,
-        seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(model, explainer, logits_fn, batch_size, seed, **kwargs)
+        super().__init__(model, explainer, **kwargs)
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
             raise ValueError(f"num_classes must be an int >= 2 (or None to read it from the model), got {num_classes!r}.")
         self.num_classes = num_classes
