@@ -41,6 +41,7 @@ from sp_lightning.metrics import (
     RandomLogit,
     RelevanceMass,
     make_mosaics,
+    optimal_scaling_loss,
 )
 
 
@@ -57,15 +58,6 @@ class ForwardClock:
 
     def _end(self) -> None:
         self.seconds += time.perf_counter() - self._start
-
-
-def optimal_scaling_loss(a: np.ndarray, b: np.ndarray, batched: bool = True) -> np.ndarray:
-    """The paper's Infidelity loss in Quantus's loss_func slot (a = logit drops, b = <attr, x - x~>)."""
-    drops, dots = a.astype(np.float64), b.astype(np.float64)
-    cross = (dots * drops).sum(-1, keepdims=True)
-    energy = (dots**2).sum(-1, keepdims=True)
-    beta = np.where(energy == 0, cross, cross / np.where(energy == 0, 1.0, energy))
-    return ((beta * dots - drops) ** 2).mean(-1)
 
 
 def block_subsets(side: int, patch: int, images: int) -> Callable[..., np.ndarray]:

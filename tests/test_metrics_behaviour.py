@@ -400,3 +400,15 @@ def test_metrics_update_and_log_inside_lightning_validation() -> None:
     for start in (0, 4):  # the same two batches, so the same draws
         sensitivity.update(x[start : start + 4], pullback[start : start + 4], y[start : start + 4])
     assert logged["sensitivity"] == pytest.approx(float(sensitivity.compute()), rel=1e-5)
+
+
+def test_per_channel_masks_broadcast_against_one_channel_attributions() -> None:
+    model = tiny_cnn()
+    x = torch.ones(1, 3, 4, 4)
+    a = torch.zeros(1, 1, 4, 4)
+    a[0, 0, 1, 1] = 3.0
+    a[0, 0, 2, 2] = 1.0
+    masks = torch.zeros(1, 3, 4, 4, dtype=torch.bool)
+    masks[0, 2, 1, 1] = True  # only channel 2 of the peak pixel: the one-channel map counts once per channel
+    assert scores(PointingGame(model), x, a, 0, (masks,)).tolist() == [1.0]
+    torch.testing.assert_close(scores(RelevanceMass(model), x, a, 0, (masks,)), torch.tensor([3.0 / 12.0]))

@@ -32,6 +32,7 @@ from sp_lightning.metrics import (  # noqa: E402
     QuantusExplainFunc,
     RandomLogit,
     RelevanceMass,
+    optimal_scaling_loss,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
@@ -55,15 +56,6 @@ def replay_constants(values: Iterator[np.ndarray]):
         return out
 
     return perturb
-
-
-def optimal_scaling_loss(a: np.ndarray, b: np.ndarray, batched: bool = True) -> np.ndarray:
-    """The paper's Infidelity loss in Quantus's loss_func slot (Quantus passes a = logit drops, b = <attr, x - x~>)."""
-    drops, dots = a.astype(np.float64), b.astype(np.float64)
-    cross = (dots * drops).sum(-1, keepdims=True)
-    energy = (dots**2).sum(-1, keepdims=True)
-    beta = np.where(energy == 0, cross, cross / np.where(energy == 0, 1.0, energy))
-    return ((beta * dots - drops) ** 2).mean(-1)
 
 
 def ours(metric: Any, *args: Any) -> np.ndarray:

@@ -27,7 +27,7 @@ Cheap choices for monitoring during training: the localisation metrics,
 from .base import ExplainerMetric, ExplanationMetric
 from .faithfulness import FaithfulnessCorrelation, FaithfulnessEstimate, Infidelity, MonotonicityCorrelation
 from .localisation import Focus, Mosaics, PointingGame, RelevanceMass, make_mosaics
-from .quantus_adapter import QuantusExplainFunc
+from .quantus_adapter import QuantusExplainFunc, optimal_scaling_loss
 from .robustness import MaxSensitivity, RandomLogit
 
 __all__ = [
@@ -45,4 +45,5 @@ __all__ = [
     "RandomLogit",
     "RelevanceMass",
     "make_mosaics",
+    "optimal_scaling_loss",
 ]

@@ -219,9 +219,9 @@ class ExplanationMetric(Metric):
     # ------------------------------------------------------------------ model calls
 
     def _prepare(
-        self, inputs: Tensor, attributions: Tensor, target: TargetLike, same_shape: bool = False
+        self, inputs: Tensor, attributions: Tensor, target: TargetLike, same_shape: bool = False, expand: bool = True
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Validated inputs, attributions broadcast to the inputs' shape, and targets (B,)."""
+        """Validated inputs, attributions (broadcast to the inputs' shape if ``expand``), and targets (B,)."""
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() < 2:
             raise TypeError("inputs must be a floating-point tensor (B, ...) with a batch dimension.")
         if not isinstance(attributions, Tensor) or not attributions.is_floating_point():
@@ -238,7 +238,7 @@ class ExplanationMetric(Metric):
         if attributions.dim() == inputs.dim() - 1:
             attributions = attributions.unsqueeze(1)  # (B, H, W) -> (B, 1, H, W)
         try:
-            attributions = attributions.expand(inputs.shape)
+            expanded = attributions.expand(inputs.shape)
         except RuntimeError:
             raise ValueError(
                 f"attributions of shape {tuple(attributions.shape)} do not fit inputs of shape "
@@ -247,12 +247,13 @@ class ExplanationMetric(Metric):
         targets, single = normalize_target(target, inputs.shape[0], inputs.device)
         if not single:
             raise ValueError("These metrics score one target per input: pass target as an int or a (B,) tensor.")
-        return inputs.detach(), attributions.detach(), targets[:, 0]
+        return inputs.detach(), (expanded if expand else attributions).detach(), targets[:, 0]
 
-    @staticmethod
-    def _images(inputs: Tensor, name: str) -> None:
+    def _require_images(self, inputs: Tensor) -> None:
         if inputs.dim() != 4:
-            raise ValueError(f"{name} perturbs square image patches: inputs must be (B, C, H, W), got {tuple(inputs.shape)}.")
+            raise ValueError(
+                f"{type(self).__name__} works on images: inputs must be (B, C, H, W), got {tuple(inputs.shape)}."
+            )
 
     def _logits(self, inputs: Tensor) -> Tensor:
         """(B, num_classes) logits of a plain forward (shape checked by the explainers' own reader)."""

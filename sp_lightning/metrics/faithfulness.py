@@ -250,7 +250,7 @@ class FaithfulnessCorrelation(_RemovalCorrelation):
     def update(self, inputs: Tensor, attributions: Tensor, target: TargetLike) -> None:
         """Score a batch: inputs (B, C, H, W), attributions shaped like them (or one channel), target int or (B,)."""
         x, a, t = self._prepare(inputs, attributions, target)
-        self._images(x, type(self).__name__)
+        self._require_images(x)
         batch, _, height, width = x.shape
         if self.abs:
             a = a.abs()
@@ -316,7 +316,7 @@ class Infidelity(ExplanationMetric):
     def update(self, inputs: Tensor, attributions: Tensor, target: TargetLike) -> None:
         """Score a batch: inputs (B, C, H, W), attributions shaped like them (or one channel), target int or (B,)."""
         x, a, t = self._prepare(inputs, attributions, target)
-        self._images(x, type(self).__name__)
+        self._require_images(x)
         batch, _, height, width = x.shape
         if self.abs:
             a = a.abs()

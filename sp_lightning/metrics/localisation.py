@@ -106,10 +106,10 @@ class _LocalisationMetric(ExplanationMetric):
         self.relevance = relevance
 
     def _relevance(self, inputs: Tensor, attributions: Tensor, target: TargetLike) -> tuple[Tensor, Tensor]:
-        """Relevance (B, C, H, W) in a wide dtype, and the targets (B,)."""
-        x, a, targets = self._prepare(inputs, attributions, target)
-        self._images(x, type(self).__name__)
-        return _wide(x * a if self.relevance == "input_x_attribution" else a), targets
+        """Relevance (B, C or 1, H, W), and the targets (B,); one-channel attributions stay one channel."""
+        x, a, targets = self._prepare(inputs, attributions, target, expand=False)
+        self._require_images(x)
+        return (x * a if self.relevance == "input_x_attribution" else a), targets
 
 
 class Focus(_LocalisationMetric):
@@ -135,7 +135,7 @@ class Focus(_LocalisationMetric):
     def update(self, inputs: Tensor, attributions: Tensor, target: TargetLike, tile_labels: Tensor) -> None:
         """Score mosaics (B, C, H, W) explained toward ``target``; ``tile_labels`` (B, 4) as from :func:`make_mosaics`."""
         relevance, targets = self._relevance(inputs, attributions, target)
-        relevance = relevance.clamp_min(0)
+        relevance = _wide(relevance).clamp_min(0)
         batch, _, height, width = relevance.shape
         if not isinstance(tile_labels, Tensor) or tile_labels.shape != (batch, 4) or tile_labels.is_floating_point():
             raise ValueError(f"tile_labels must be an integer tensor (B, 4) = ({batch}, 4): the class in each quadrant.")
@@ -159,8 +159,8 @@ class _MaskMetric(_LocalisationMetric):
 
         ``target`` is only checked against the batch: the mask already belongs to the explained class.
         """
-        relevance = self._relevance(inputs, attributions, target)[0].flatten(1)
-        inside = self._masks(masks, inputs).flatten(1)
+        relevance, inside = torch.broadcast_tensors(self._relevance(inputs, attributions, target)[0], self._masks(masks, inputs))
+        relevance, inside = relevance.flatten(1), inside.flatten(1)
         self._record(torch.where(inside.any(dim=1), self._score(relevance, inside), torch.nan))
 
     def _score(self, relevance: Tensor, inside: Tensor) -> Tensor:
@@ -169,7 +169,7 @@ class _MaskMetric(_LocalisationMetric):
 
     @staticmethod
     def _masks(masks: Tensor, like: Tensor) -> Tensor:
-        """Boolean masks broadcast to the relevance's shape; a one-channel mask covers all channels."""
+        """Boolean masks (B, 1 or C, H, W) checked against the inputs; a one-channel mask covers all channels."""
         if not isinstance(masks, Tensor) or masks.is_complex():
             raise TypeError("masks must be a tensor of 0/1 or bool values.")
         if masks.dim() == like.dim() - 1:
@@ -181,7 +181,7 @@ class _MaskMetric(_LocalisationMetric):
             )
         if masks.dtype != torch.bool and not bool(((masks == 0) | (masks == 1)).all()):
             raise ValueError("masks must hold only 0 and 1 (or booleans).")
-        return masks.to(device=like.device, dtype=torch.bool).expand(like.shape)
+        return masks.to(device=like.device, dtype=torch.bool)
 
 
 class PointingGame(_MaskMetric):
@@ -219,4 +219,5 @@ class RelevanceMass(_MaskMetric):
     higher_is_better = True
 
     def _score(self, relevance: Tensor, inside: Tensor) -> Tensor:
+        relevance = _wide(relevance)
         return (relevance * inside).sum(dim=1) / relevance.sum(dim=1)

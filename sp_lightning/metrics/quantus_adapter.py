@@ -1,4 +1,4 @@
-"""Use sp-lightning explainers inside Quantus: ``explain_func=QuantusExplainFunc(SoftPullback(model))``.
+"""Quantus interop: our explainers as a Quantus ``explain_func``, and the paper's Infidelity loss.
 
 Quantus calls ``explain_func(model=..., inputs=..., targets=..., **explain_func_kwargs)``
 with numpy arrays and expects a numpy array back. Quantus itself is not imported here.
@@ -67,3 +67,19 @@ class QuantusExplainFunc:
         elif self.channel_reduction == "mean":
             attributions = attributions.mean(dim=1, keepdim=True)
         return attributions.detach().to("cpu", torch.float32).numpy()
+
+
+def optimal_scaling_loss(a: np.ndarray, b: np.ndarray, batched: bool = True) -> np.ndarray:
+    """The paper's Infidelity loss for ``quantus.Infidelity(loss_func=...)``: mean_j (beta a_j - b_j)^2.
+
+    Quantus passes ``a`` = the logit drops and ``b`` = <attribution, x - x_j> (B, J); beta
+    is the least-squares scale of ``b`` onto ``a`` (beta = sum(ab) where sum(b^2) = 0).
+    Matches :class:`~sp_lightning.metrics.Infidelity`.
+    """
+    if not batched:
+        return optimal_scaling_loss(a[None], b[None])[0]
+    drops, dots = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    cross = (dots * drops).sum(axis=-1, keepdims=True)
+    energy = (dots**2).sum(axis=-1, keepdims=True)
+    beta = np.where(energy == 0, cross, cross / np.where(energy == 0, 1.0, energy))
+    return ((beta * dots - drops) ** 2).mean(axis=-1)
