@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .base import ImageDataModule
+from .base import ImageDataModule, check_stats
 
 #: Every shape the generator can draw, in the default class order.
 SHAPE_NAMES: tuple[str, ...] = ("disc", "square", "triangle", "cross", "ring", "star")
@@ -145,10 +145,12 @@ class ShapesDataset(Dataset[ShapeSample]):
             int(clutter),
             float(noise),
         )
-        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        if self.std is not None and (self.mean.numel() != 3 or self.std.numel() != 3 or not bool((self.std > 0).all())):
-            raise ValueError(f"mean and std need 3 values (RGB) and std must be > 0; got {mean}, {std}.")
+        self.mean = self.std = None
+        if mean is not None and std is not None:
+            mean_t, std_t = check_stats(mean, std)
+            if len(mean_t) != 3:
+                raise ValueError(f"Shapes images are RGB: mean and std need 3 values, got {len(mean_t)}.")
+            self.mean, self.std = torch.tensor(mean_t).view(3, 1, 1), torch.tensor(std_t).view(3, 1, 1)
         centres = torch.arange(self.image_size, dtype=torch.float32) + 0.5
         self._y, self._x = torch.meshgrid(centres, centres, indexing="ij")
 
@@ -288,8 +290,6 @@ class ShapesDataModule(ImageDataModule):
         std: tuple[float, float, float] = (0.3, 0.3, 0.3),
     ) -> None:
         super().__init__(check_classes(classes), mean, std, batch_size, num_workers, seed)
-        if len(self.mean) != 3:
-            raise ValueError(f"Shapes images are RGB: mean and std need 3 values, got {len(self.mean)}.")
         self.save_hyperparameters()
         self.sizes = {"train": int(train_size), "val": int(val_size), "test": int(test_size)}
         self.generator_options = dict(
