@@ -1,0 +1,38 @@
+"""The shapes demo and its localisation summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sp_lightning import demo
+
+
+def test_localisation_scores_pointing_and_mass() -> None:
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[:, :2, :2] = True  # the object is the top-left quarter
+    attributions = torch.zeros(2, 3, 4, 4)
+    attributions[0, 0, 0, 1] = -3.0  # strongest |relevance| on the object (sign ignored)
+    attributions[0, 1, 3, 3] = 1.0
+    attributions[1, 2, 3, 0] = 2.0  # strongest relevance off the object
+    attributions[1, 0, 1, 1] = 1.0
+    attributions[1, 1, 1, 1] = -0.5  # |relevance| adds up over channels: 1.5 on the object
+    hits, mass = demo.localisation_scores(attributions, masks)
+    assert hits.tolist() == [1.0, 0.0]
+    torch.testing.assert_close(mass, torch.tensor([3.0 / 4.0, 1.5 / 3.5]))
+    with pytest.raises(ValueError, match=r"\(B, H, W\)"):
+        demo.localisation_scores(attributions, masks[0])
+
+
+def test_demo_runs_and_reports_accuracy_and_localisation(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    result = demo.main(["--tiny", "--logdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert set(result["localisation"]) == {"gradient", "soft pullback"}
+    for score in result["localisation"].values():
+        assert 0.0 <= score.pointing <= 1.0 and 0.0 < score.mass < 1.0
+    assert f"Validation accuracy: {result['accuracy']:.1%}" in out
+    assert f"tensorboard --logdir {tmp_path}" in out
+    assert any(Path(result["logdir"]).glob("events.out.tfevents.*"))
