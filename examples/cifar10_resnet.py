@@ -47,8 +47,8 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
         weight_decay=5e-4,
         scheduler="cosine",
     )
-    budget = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1) if args.tiny else {}
-    trainer = Trainer(**{"max_epochs": args.epochs, **budget}, default_root_dir=args.logdir)
+    # --tiny: Lightning's fast_dev_run (two batches of each loop, no logs or checkpoints)
+    trainer = Trainer(max_epochs=args.epochs, default_root_dir=args.logdir, fast_dev_run=2 if args.tiny else False)
     trainer.fit(model, data)
     trainer.test(model, data)
     return trainer

@@ -9,7 +9,12 @@ import pytest
 import torch
 from fake_datasets import write_cifar10, write_imagenette
 
-from sp_lightning.data import CIFAR10DataModule, ImagenetteDataModule, ShapeSample, ShapesDataModule
+from sp_lightning.data import (
+    CIFAR10DataModule,
+    ImagenetteDataModule,
+    ShapeSample,
+    ShapesDataModule,
+)
 from sp_lightning.data.cifar import CIFAR10_CLASSES
 from sp_lightning.data.imagenette import IMAGENETTE_CLASSES
 
