@@ -25,8 +25,8 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
     parser.add_argument("--tiny", action="store_true", help="a few tiny batches (smoke test)")
     args = parser.parse_args(argv)
     seed_everything(0)
-    sizes = dict(image_size=32, train_size=32, val_size=16, test_size=16) if args.tiny else {}
-    data = ShapesDataModule(**sizes)
+    sizes = dict(image_size=32, train_size=32, val_size=16, test_size=16) if args.tiny else dict(train_size=2048)
+    data = ShapesDataModule(batch_size=32, **sizes)
     model = ImageClassifier(data.num_classes, backbone="small_cnn", lr=3e-3, scheduler="cosine")
     trainer = Trainer(max_epochs=1 if args.tiny else args.epochs, default_root_dir=args.logdir)
     trainer.fit(model, data)

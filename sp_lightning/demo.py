@@ -73,13 +73,23 @@ def localisation(loader: DataLoader, explainers: Mapping[str, Explainer]) -> dic
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sp_lightning.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=6, help="training epochs")
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--train-size", type=int, default=2048, help="training images per epoch")
     parser.add_argument("--val-size", type=int, default=512, help="validation images")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--logdir", default="runs/demo", help="TensorBoard log directory")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (this small CNN gains little from more, and one thread stays fast "
+        "when other programs share the CPU)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a few seconds' run (smoke test)")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.tiny:
         args.epochs, args.train_size, args.val_size, args.image_size = 1, 64, 32, 32
     return args
@@ -88,12 +98,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     """Run the demo; returns the numbers it prints (``accuracy``, ``localisation``, ``logdir``)."""
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    """Train, explain, and print the summary (see :func:`main`)."""
     start = time.perf_counter()
     seed_everything(args.seed, verbose=False)
-    # Shapes are drawn in vectorised batches in the main process: no loader workers needed.
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
     datamodule = ShapesDataModule(
-        image_size=args.image_size, train_size=args.train_size, val_size=args.val_size, seed=args.seed
+        image_size=args.image_size,
+        train_size=args.train_size,
+        val_size=args.val_size,
+        batch_size=args.batch_size,
+        seed=args.seed,
     )
     model = ImageClassifier(datamodule.num_classes, backbone="small_cnn", lr=3e-3, scheduler="cosine")
     logger = TensorBoardLogger(args.logdir, name="shapes")
@@ -110,7 +132,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         enable_model_summary=False,
         log_every_n_steps=10,
     )
-    trainer.fit(model, datamodule)
+    with warnings.catch_warnings():
+        # Shapes are drawn in vectorised batches in the main process: loader workers would not help.
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(model, datamodule)
     accuracy = float(trainer.callback_metrics["val/acc"])
     explainers = {"gradient": Gradient(model), "soft pullback": SoftPullback(model)}
     scores = localisation(datamodule.val_dataloader(), explainers)

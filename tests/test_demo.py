@@ -27,7 +27,9 @@ def test_localisation_scores_pointing_and_mass() -> None:
 
 
 def test_demo_runs_and_reports_accuracy_and_localisation(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    result = demo.main(["--tiny", "--logdir", str(tmp_path)])
+    threads = torch.get_num_threads()
+    result = demo.main(["--tiny", "--logdir", str(tmp_path), "--threads", "1"])
+    assert torch.get_num_threads() == threads  # the demo's thread setting is undone
     out = capsys.readouterr().out
     assert 0.0 <= result["accuracy"] <= 1.0
     assert set(result["localisation"]) == {"gradient", "soft pullback"}

@@ -27,7 +27,7 @@ def _assert_trained_and_tested(trainer: Trainer, steps: int) -> None:
 
 def test_shapes_example(tmp_path: Path) -> None:
     trainer = _load("shapes").main(["--tiny", "--logdir", str(tmp_path)])
-    _assert_trained_and_tested(trainer, steps=1)  # 32 images, batches of 64
+    _assert_trained_and_tested(trainer, steps=1)  # 32 images, batches of 32
 
 
 def test_cifar10_resnet_example(tmp_path: Path) -> None:
