@@ -14,6 +14,7 @@ import pytest
 import tomllib
 import torch
 import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor
 
 from sp_lightning.cli import run_cli
 from sp_lightning.data import CIFAR10DataModule, ShapesDataModule
@@ -61,6 +62,15 @@ def test_model_and_data_are_selected_from_yaml_class_paths(tmp_path: Path) -> No
     assert cli.model.hparams.num_classes == 10 and cli.model.hparams.lr == 0.02
     subset = run_cli(["--data.init_args.classes=[disc, ring]"], run=False)
     assert subset.model.hparams.num_classes == 2
+
+
+def test_callbacks_are_selected_from_yaml(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    callback = {"class_path": "LearningRateMonitor", "init_args": {"logging_interval": "step"}}
+    recipe.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
+    cli = run_cli(["--config", str(TINY), "--config", str(recipe)], run=False)
+    monitors = [cb for cb in cli.trainer.callbacks if isinstance(cb, LearningRateMonitor)]
+    assert len(monitors) == 1 and monitors[0].logging_interval == "step"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
