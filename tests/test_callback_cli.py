@@ -37,7 +37,6 @@ def cli(tmp_path: Any, config: str) -> LightningCLI:
             "--config", config,
             "--seed_everything=0",
             f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.max_epochs=1",
             "--trainer.limit_train_batches=2",
             "--trainer.limit_val_batches=1",
