@@ -23,7 +23,8 @@ from torch import Tensor, nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from callback_support import BlobData, TinyClassifier  # noqa: E402
 
-from sp_lightning import SemanticPullbackCallback  # noqa: E402
+from sp_lightning import SemanticPullbackCallback, SoftPullback  # noqa: E402
+from sp_lightning.metrics import FaithfulnessCorrelation  # noqa: E402
 
 FAIL_STEP = 2
 
@@ -62,7 +63,7 @@ class Watched(SemanticPullbackCallback):
 def main(out: str) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
-    callback = Watched(num_images=5)
+    callback = Watched(num_images=5, metrics=["faithfulness_correlation"])
     trainer = pl.Trainer(
         strategy="ddp",
         accelerator="cpu",
@@ -79,8 +80,13 @@ def main(out: str) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(TinyClassifier(), datamodule=BlobData())
+    # the last log (step 4) scored the final model: the metric by hand on the whole probe set, one process
+    model, probe = trainer.lightning_module, callback.probe
+    metric = FaithfulnessCorrelation(model, sync_on_compute=False)
+    metric.update(probe.images, SoftPullback(model).attribute(probe.images, probe.labels), probe.labels)
     report = {
         "rank": trainer.global_rank,
+        "faithfulness_correlation": float(metric.compute()),
         "explained": callback.explained,
         "wrapper": callback.wrapper,
         "wrapper_calls": callback.wrapper_calls,

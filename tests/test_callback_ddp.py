@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -38,10 +39,14 @@ def test_ddp_shards_the_probe_set_and_rank_zero_writes(tmp_path) -> None:
 
     event_files = glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
     assert len(event_files) == 1  # one writer
-    events = EventAccumulator(event_files[0], size_guidance={"images": 0})
+    events = EventAccumulator(event_files[0], size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     tags = [f"semantic_pullback/probe_{i:02d}" for i in range(5)] + ["semantic_pullback/overview"]
     assert sorted(events.Tags()["images"]) == sorted(tags)
     for tag in tags:  # each image once per successful log, none duplicated
         assert [e.step for e in events.Images(tag)] == [0, 4]
+    # metrics: each rank scores its share, rank 0 logs the mean over the whole probe set
+    logged = events.Scalars("semantic_pullback/metrics/faithfulness_correlation")
+    assert [e.step for e in logged] == [0, 4] and all(math.isfinite(e.value) for e in logged)
+    assert math.isclose(logged[-1].value, reports[0]["faithfulness_correlation"], rel_tol=1e-4, abs_tol=1e-6)
     assert not glob.glob(str(tmp_path / "**" / "*.png"), recursive=True)

@@ -24,6 +24,7 @@ from callback_support import (  # noqa: F401  (one_thread is a fixture)
 )
 from sp_lightning import SemanticPullbackCallback, SoftPullback
 from sp_lightning.callbacks import Explanations
+from sp_lightning.callbacks.semantic_pullback import METRICS
 from sp_lightning.visualize import reduce_channels
 
 pytestmark = [
@@ -63,7 +64,10 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path) -> No
     reference, ref_trainer = train(tmp_path / "plain", [])
     watched, trainer = train(
         tmp_path / "watched",
-        [SemanticPullbackCallback(), SemanticPullbackCallback(num_images=2, every_n_steps=1, tag="often")],
+        [
+            SemanticPullbackCallback(),
+            SemanticPullbackCallback(num_images=2, every_n_steps=1, tag="often", metrics=list(METRICS)),
+        ],
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -182,7 +186,7 @@ def test_memory_stays_flat_over_100_calls(tmp_path) -> None:
 
 
 def test_bf16_mixed_explains_in_float32(tmp_path) -> None:
-    callback = SemanticPullbackCallback(num_images=2, every_n_epochs=None)
+    callback = SemanticPullbackCallback(num_images=2, every_n_epochs=None, metrics=["faithfulness_correlation"])
     original = callback.explain
     seen: dict[str, list] = {"explain": [], "train": []}
 
@@ -329,6 +333,10 @@ def test_parameter_sharding_strategies_are_refused() -> None:
         ({"temperatures": {"relu": -1}}, ValueError, "relu"),
         ({"labels": [0, 1]}, ValueError, "labels were given without images"),
         ({"images": torch.rand(2, 8, 8)}, ValueError, r"\(N, C, H, W\)"),
+        ({"metrics": ["random_logit", "focus"]}, ValueError,
+         r"Unknown metrics \['focus'\]; choose from \['faithfulness_correlation', .*'random_logit'\]"),
+        ({"metrics": "infidelity"}, TypeError, "metrics must be a list of metric names"),
+        ({"metrics": ["infidelity", "infidelity"]}, ValueError, "lists a name twice"),
     ],
 )
 def test_invalid_arguments_fail_at_construction(options: dict, error: type, match: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import math
 import os
 import warnings
 from typing import Any
@@ -19,8 +20,9 @@ import sp_lightning.callbacks.semantic_pullback as module
 from callback_support import (  # noqa: F401  (one_thread is a fixture)
     CLASS_NAMES, MEAN, STD, BlobData, TinyClassifier, blob_images, one_thread, trainer_kwargs,
 )
-from sp_lightning import SemanticPullbackCallback
+from sp_lightning import SemanticPullbackCallback, SoftPullback
 from sp_lightning.callbacks import Explanations
+from sp_lightning.metrics import FaithfulnessCorrelation, RandomLogit
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -108,6 +110,34 @@ def test_tensorboard_stable_tags_readable_images_and_scalars(tmp_path) -> None:
     assert drift.step == STEPS_PER_EPOCH and -1.0 <= drift.value <= 1.0
     assert all(-1.0 <= e.value <= 1.0 for e in acc.Scalars("semantic_pullback/cosine_gradient_sp"))
     assert all(e.value > 0 for e in acc.Scalars("semantic_pullback/seconds"))
+
+
+def test_chosen_metrics_are_logged_as_probe_set_means(tmp_path) -> None:
+    callback = SemanticPullbackCallback(num_images=3, metrics=["faithfulness_correlation", "random_logit"])
+    trainer, _ = fit(callback, tmp_path, mock=False, logger=TensorBoardLogger(str(tmp_path)))
+    acc = events(trainer.logger.log_dir)
+    assert {t for t in acc.Tags()["scalars"] if "/metrics/" in t} == {
+        "semantic_pullback/metrics/faithfulness_correlation", "semantic_pullback/metrics/random_logit"
+    }
+    logged = {name: acc.Scalars(f"semantic_pullback/metrics/{name}") for name in ("faithfulness_correlation", "random_logit")}
+    for values in logged.values():
+        assert [e.step for e in values] == [0, STEPS_PER_EPOCH]
+        assert all(math.isfinite(e.value) and -1.0 <= e.value <= 1.0 for e in values)
+    # the last log scored the final model's Soft Pullback toward the true label: the metrics by hand, same seed
+    model, probe = trainer.lightning_module, callback.probe
+    attributions = SoftPullback(model).attribute(probe.images, probe.labels)
+    for name, metric in (
+        ("faithfulness_correlation", FaithfulnessCorrelation(model)),
+        ("random_logit", RandomLogit(model, SoftPullback(model), seed=callback.seed)),
+    ):
+        metric.update(probe.images, attributions, probe.labels)
+        assert logged[name][-1].value == pytest.approx(float(metric.compute()), rel=1e-4, abs=1e-6), name
+    # the metrics draw from their own generator: the global RNG's state changes nothing
+    scores = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        scores.append(callback.explain(model, probe.images, probe.labels).metric_scores)
+    assert scores[0].shape == (3, 2) and torch.equal(scores[0], scores[1])
 
 
 def test_png_fallback_with_one_warning_and_scalars_in_other_loggers(tmp_path) -> None:
@@ -287,6 +317,7 @@ def _explanations(index: torch.Tensor) -> Explanations:
         targets=index[:, None].expand(n, 2).clone(),
         soft_maps=value.view(n, 1, 1, 1).expand(n, 2, 3, 3).clone(),
         counterfactuals=value.view(n, 1, 1, 1, 1).expand(n, 2, 3, 3, 3).clone(),
+        metric_scores=value[:, None].expand(n, 2).clone(),
     )
 
 
@@ -296,7 +327,7 @@ def test_merge_shards_restores_probe_order(count: int, world_size: int) -> None:
     shards = [_explanations(index[rank::world_size]) if rank < count else None for rank in range(world_size)]
     merged = module.merge_shards(shards, world_size)
     expected = _explanations(index)
-    for name in ("probabilities", "targets", "soft_maps", "counterfactuals"):
+    for name in ("probabilities", "targets", "soft_maps", "counterfactuals", "metric_scores"):
         assert torch.equal(getattr(merged, name), getattr(expected, name)), name
     assert merged.gradient_maps is None and merged.cosine is None
 

@@ -31,11 +31,32 @@ from torch import Tensor, nn
 
 from ..explainers import Gradient, PullbackAscent, SoftPullback, equivalent_alpha
 from ..explainers.base import LogitsFn, preserved_state
+from ..metrics import (
+    ExplainerMetric,
+    ExplanationMetric,
+    FaithfulnessCorrelation,
+    FaithfulnessEstimate,
+    Infidelity,
+    MaxSensitivity,
+    MonotonicityCorrelation,
+    RandomLogit,
+)
 from ..rules.config import SoftRules
 from ..visualize import REDUCTIONS, Reduction, explanation_panel, grid, reduce_channels, save_png
 from .probe import BatchFn, ProbeSet, isolated_rng, select_probe, validate_probe
 
 OnError = Literal["raise", "warn"]
+
+#: Metrics the callback can log (``metrics=[...]``), with the cost per probe image of the cheap
+#: settings it builds them with (see :meth:`SemanticPullbackCallback._build_metric`).
+METRICS: dict[str, type[ExplanationMetric]] = {
+    "random_logit": RandomLogit,  # 1 explanation
+    "faithfulness_correlation": FaithfulnessCorrelation,  # 16 forwards (4x4 blocks)
+    "faithfulness_estimate": FaithfulnessEstimate,  # 48 forwards
+    "infidelity": Infidelity,  # repeats=1: 20 forwards (2x2 and 4x4 blocks)
+    "max_sensitivity": MaxSensitivity,  # samples=2: 2 explanations
+    "monotonicity_correlation": MonotonicityCorrelation,  # samples=1: 48 forwards
+}
 
 
 @dataclass
@@ -51,6 +72,7 @@ class Explanations:
     counterfactuals: Tensor | None = None  # (N, 2, C, H, W)
     logit_gain: Tensor | None = None  # (N, 2)
     probability_gain: Tensor | None = None  # (N, 2)
+    metric_scores: Tensor | None = None  # (N, M) per-image scores of the chosen metrics, in their order
 
 
 def merge_shards(shards: Sequence[Explanations | None], world_size: int) -> Explanations:
@@ -129,6 +151,15 @@ class SemanticPullbackCallback(Callback):
         temperatures: soft-rule temperatures (rule name -> value, ``None`` = rule off).
         model_attr: explain ``getattr(pl_module, model_attr)`` instead of the module itself.
         logits_fn: maps the model output to (B, num_classes) logits (dotted path in YAML).
+        metrics: names of :mod:`sp_lightning.metrics` to log every time (``None``: none), each
+            the mean over the probe set under ``<tag>/metrics/<name>``, scoring the Soft
+            Pullback toward the first target (the true label; without labels the top class)
+            that the log already computed. Choose from ``random_logit``,
+            ``faithfulness_correlation``, ``faithfulness_estimate``, ``infidelity``
+            (``repeats=1``), ``max_sensitivity`` (``samples=2``, radius 1% of the valid input
+            range) and ``monotonicity_correlation`` (``samples=1``); uniform perturbations span
+            the valid input range. Each is seeded with ``seed`` and redrawn the same way at every
+            log (the curves show the model changing, not new noise), never touching the global RNG.
     Pictures:
         reduction: channel reduction of heatmaps: ``mean``, ``sum``, ``abs_mean``, ``l2``.
         color_scale: fixed heatmap scale (values at +-color_scale are full colour) so
@@ -152,7 +183,7 @@ class SemanticPullbackCallback(Callback):
         on_error: ``"warn"`` reports a failed explanation and lets training continue;
             ``"raise"`` stops training. The model is restored either way.
 
-    Under DDP every rank explains its share of the probe images and rank 0 writes.
+    Under DDP every rank explains (and scores) its share of the probe images and rank 0 writes.
     FSDP, DeepSpeed and ModelParallel strategies shard parameters and are refused at fit start.
     """
 
@@ -174,6 +205,7 @@ class SemanticPullbackCallback(Callback):
         temperatures: dict[str, float | bool | None] | None = None,
         model_attr: str | None = None,
         logits_fn: LogitsFn | None = None,
+        metrics: list[str] | None = None,
         reduction: Reduction = "mean",
         color_scale: float | None = None,
         overlay: bool = True,
@@ -225,6 +257,13 @@ class SemanticPullbackCallback(Callback):
             raise ValueError(f"input_bounds must be a pair (low, high), got {input_bounds!r}.")
         if class_names is not None and not all(isinstance(n, str) for n in class_names):
             raise TypeError("class_names must be a list of strings.")
+        if metrics is not None and (isinstance(metrics, str) or not all(isinstance(m, str) for m in metrics)):
+            raise TypeError(f"metrics must be a list of metric names, e.g. ['random_logit'], got {metrics!r}.")
+        unknown = [name for name in metrics or [] if name not in METRICS]
+        if unknown:
+            raise ValueError(f"Unknown metrics {unknown}; choose from {sorted(METRICS)}.")
+        if metrics is not None and len(set(metrics)) != len(metrics):
+            raise ValueError(f"metrics lists a name twice: {metrics}.")
         if model_attr is not None and not isinstance(model_attr, str):
             raise TypeError(f"model_attr must be an attribute name, got {type(model_attr).__name__}.")
         self.num_images, self.seed, self.batch_fn = num_images, int(seed), batch_fn
@@ -233,6 +272,7 @@ class SemanticPullbackCallback(Callback):
         self.ascent_steps, self.ascent_alpha = ascent_steps, ascent_alpha
         self.rules = SoftRules.create(temperatures)
         self.model_attr, self.logits_fn = model_attr, logits_fn
+        self.metrics = list(metrics or [])
         self.reduction, self.color_scale, self.overlay, self.opacity = reduction, color_scale, overlay, opacity
         self.min_image_size, self.max_image_size = min_image_size, max_image_size
         self.mean, self.std, self.denormalize, self.input_bounds = mean, std, denormalize, input_bounds
@@ -482,8 +522,17 @@ class SemanticPullbackCallback(Callback):
             logits = self._logits(model, images).float()
             probabilities = logits.softmax(dim=1)
             targets, cf_targets = self._targets(probabilities, labels)
-            soft = SoftPullback(model, self.rules, self.logits_fn).attribute(images, targets).float()
+            explainer = SoftPullback(model, self.rules, self.logits_fn)
+            raw = explainer.attribute(images, targets)
+            soft = raw.float()
             result = Explanations(probabilities, targets, reduce_channels(soft, self.reduction))
+            if self.metrics:
+                scores = []
+                for name in self.metrics:
+                    metric = self._build_metric(name, model, explainer, logits.shape[1])
+                    metric.update(images, raw[:, 0], targets[:, 0])
+                    scores.append(metric.per_sample_scores())
+                result.metric_scores = torch.stack(scores, dim=1)
             if self.gradient:
                 grad = Gradient(model, self.logits_fn).attribute(images, targets[:, 0]).float()
                 result.cosine = F.cosine_similarity(grad.flatten(1), soft[:, 0].flatten(1), dim=1)
@@ -506,6 +555,26 @@ class SemanticPullbackCallback(Callback):
             f.name: None if getattr(result, f.name) is None else getattr(result, f.name).detach().cpu()
             for f in dataclasses.fields(Explanations)
         })
+
+    def _build_metric(self, name: str, model: nn.Module, explainer: SoftPullback, classes: int) -> ExplanationMetric:
+        """A fresh metric ``name`` on ``model`` with cheap settings scaled to the valid input range.
+
+        Fresh at every log, seeded with ``seed``: the same draws each time, and no state kept.
+        ``sync_on_compute=False``: the callback gathers the per-image scores itself.
+        """
+        assert self._bounds is not None
+        low, high = self._bounds
+        uniform = (float(low.min()), float(high.max()))
+        settings: dict[str, Any] = {
+            "random_logit": {"num_classes": classes},
+            "infidelity": {"repeats": 1, "uniform_range": uniform},
+            "max_sensitivity": {"samples": 2, "radius": 0.01 * float((high - low).mean())},
+            "monotonicity_correlation": {"samples": 1, "uniform_range": uniform},
+        }.get(name, {})
+        cls = METRICS[name]
+        if issubclass(cls, ExplainerMetric):
+            settings["explainer"] = explainer
+        return cls(model, logits_fn=self.logits_fn, seed=self.seed, sync_on_compute=False, **settings)
 
     # ------------------------------------------------------------------ one log
 
@@ -668,5 +737,8 @@ class SemanticPullbackCallback(Callback):
                 metrics[f"{self.tag}/counterfactual_probability_gain{suffix}"] = float(
                     result.probability_gain[:, column].mean()
                 )
+        if result.metric_scores is not None:
+            for name, scores in zip(self.metrics, result.metric_scores.T):
+                metrics[f"{self.tag}/metrics/{name}"] = float(scores.nanmean())
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
