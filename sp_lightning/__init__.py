@@ -1,5 +1,6 @@
 """sp-lightning: Semantic Pullbacks for PyTorch Lightning."""
 
+from .callbacks import SoftBackwardTraining
 from .context import SoftBackward, soft_backward
 from .coverage import CoverageReport, coverage_report
 from .explainers import (
@@ -15,6 +16,7 @@ from .explainers import (
     equivalent_alpha,
 )
 from .rules import DEFAULT_TEMPERATURES, SoftRules, UncoveredGatedOpWarning
+from .schedule import RuleSchedules, TemperatureSchedule
 
 __version__ = "0.1.0"
 
@@ -27,11 +29,14 @@ __all__ = [
     "Gradient",
     "GradientAscent",
     "PullbackAscent",
+    "RuleSchedules",
     "SmoothGrad",
     "SmoothPullback",
     "SoftBackward",
+    "SoftBackwardTraining",
     "SoftPullback",
     "SoftRules",
+    "TemperatureSchedule",
     "UncoveredGatedOpWarning",
     "coverage_report",
     "equivalent_alpha",

@@ -1,0 +1,5 @@
+"""Lightning callbacks."""
+
+from .soft_training import SoftBackwardTraining
+
+__all__ = ["SoftBackwardTraining"]
