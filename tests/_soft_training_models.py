@@ -62,6 +62,20 @@ class TinyMLP(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class SmallCNN(TinyMLP):
+    """Conv-ReLU-MaxPool-Linear on 1x8x8 images (the MLP's bookkeeping, a CNN body)."""
+
+    def __init__(self, lr: float = 0.1) -> None:
+        super().__init__(lr=lr)
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 3))
+
+
+def cnn_data(n: int = 16, seed: int = 7) -> TensorDataset:
+    """Deterministic 1x8x8 images and labels in 3 classes."""
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
 def mlp_data(n: int = 16, seed: int = 0) -> TensorDataset:
     """Deterministic inputs (n, 4) and labels (n,) in 3 classes."""
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _soft_training_models import TinyMLP, active_relu_tau, loader, mlp_data, mlp_grads, trainer
+from _soft_training_models import SmallCNN, TinyMLP, active_relu_tau, cnn_data, loader, mlp_data, mlp_grads, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
@@ -250,21 +250,6 @@ def test_gradient_accumulation_and_clipping_give_the_hand_computed_step() -> Non
     assert norm > clip  # clipping really acts
     scale = clip / (norm + 1e-6)
     assert_close(params(soft), sgd(before, [g * scale for g in grads], lr=base.lr))
-
-
-class SmallCNN(TinyMLP):
-    """Conv-ReLU-MaxPool-Linear on 1x8x8 images (the MLP's bookkeeping, a CNN body)."""
-
-    def __init__(self) -> None:
-        super().__init__(lr=0.1)
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 3)
-        )
-
-
-def cnn_data() -> Any:
-    g = torch.Generator().manual_seed(7)
-    return torch.utils.data.TensorDataset(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g))
 
 
 def test_bf16_mixed_precision() -> None:
