@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.overrides import _get_current_function_mode_stack
+from torch.utils.checkpoint import CheckpointError, checkpoint
 
 from sp_lightning import (
     DEFAULT_TEMPERATURES,
@@ -305,6 +306,29 @@ def test_manual_optimization_every_forward_of_the_step_is_soft() -> None:
     torch.manual_seed(9)
     model = fit(TwoPasses(), [SoftBackwardTraining()], max_steps=2)
     assert model.step_taus == [0.6, 0.6]  # max_steps counts optimizer steps: one batch, two passes
+
+
+def test_activation_checkpointing_fails_loudly_and_works_with_checkpoint_context() -> None:
+    class Checkpointed(TinyMLP):
+        def __init__(self, context: bool) -> None:
+            super().__init__()
+            self.context = context
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            (soft,) = [c for c in self.trainer.callbacks if isinstance(c, SoftBackwardTraining)]
+            context = {"context_fn": soft.checkpoint_context} if self.context else {}
+            logits = checkpoint(self.net, batch[0], use_reentrant=False, **context)
+            return F.cross_entropy(logits, batch[1])
+
+    torch.manual_seed(12)
+    base = TinyMLP()
+    reference = fit(copy.deepcopy(base), [SoftBackwardTraining()], max_steps=2)
+    with pytest.raises(CheckpointError):
+        fit(Checkpointed(context=False), [SoftBackwardTraining()], max_steps=1)
+    model = Checkpointed(context=True)
+    model.load_state_dict(base.state_dict())
+    fit(model, [SoftBackwardTraining()], max_steps=2)
+    assert_close(params(model), params(reference))
 
 
 # --------------------------------------------------------------------------- evaluation and explanations

@@ -25,6 +25,7 @@ as ``soft_training/tau_<rule>``.
 from __future__ import annotations
 
 import functools
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -100,6 +101,18 @@ class SoftBackwardTraining(Callback):
     def temperatures(self) -> dict[str, float | None]:
         """Current temperature of every scheduled rule (``None``: off); empty before training starts."""
         return dict(self._current or {})
+
+    def checkpoint_context(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """``context_fn`` for non-reentrant ``torch.utils.checkpoint``: recompute under the step's soft rules.
+
+        Activation checkpointing re-runs the forward during the backward, outside
+        the training step and so outside the mode; without this the recomputed
+        tensors differ and torch raises ``CheckpointError``. Use
+        ``checkpoint(block, x, use_reentrant=False, context_fn=callback.checkpoint_context)``.
+        (Reentrant checkpointing cannot be helped: its blocks get the plain gradient.)
+        """
+        rules = self.rules
+        return nullcontext(), (nullcontext() if rules is None else SoftBackwardMode(rules))
 
     # ------------------------------------------------------------------ Lightning hooks
 

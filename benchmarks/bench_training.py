@@ -1,0 +1,118 @@
+"""Training-step time with the soft backward rules vs a standard step, side by side.
+
+    .venv/bin/python benchmarks/bench_training.py              # resnet18 + vit_tiny_patch16_224, batch 32 at 224
+    .venv/bin/python benchmarks/bench_training.py --quick      # small smoke run
+    .venv/bin/python benchmarks/bench_training.py --profile    # also: where the time goes (top ops)
+
+A step is zero_grad, forward, cross-entropy, backward, SGD step, on random-init
+models in train mode. The soft step runs the forward and the loss inside the
+engine's ``SoftBackwardMode``, exactly as ``SoftBackwardTraining`` runs a
+Lightning training step; the backward and the optimizer step run outside it.
+Both variants train their own copy of the same model and alternate step by
+step in one process (median of ``--repeats``), so the printed ratio is robust
+to machine-wide drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sp_lightning import SoftRules
+from sp_lightning.mode import SoftBackwardMode
+
+MODELS = ("resnet18", "vit_tiny_patch16_224")
+
+
+def build(name: str, size: int) -> nn.Module:
+    """Random-init model by name (torchvision first, then timm), in train mode."""
+    import timm
+    import torchvision
+
+    if hasattr(torchvision.models, name):
+        return getattr(torchvision.models, name)().train()
+    options = {"img_size": size} if "vit" in name else {}
+    return timm.create_model(name, pretrained=False, **options).train()
+
+
+def make_step(model: nn.Module, soft: bool, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One training step on ``model``; the forward runs under the soft mode when ``soft``."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    mode = SoftBackwardMode(SoftRules.create()) if soft else None
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with mode if mode is not None else nullcontext():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def compare(name: str, batch: int, size: int, repeats: int) -> dict[str, float]:
+    """Median step seconds of both variants, measured alternately, and their ratio."""
+    torch.manual_seed(0)
+    model = build(name, size)
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+    steps = {"standard": make_step(model, False, x, y), "soft": make_step(copy.deepcopy(model), True, x, y)}
+    for step in steps.values():  # warm-up (allocator, lazy init)
+        step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+    standard, soft = statistics.median(times["standard"]), statistics.median(times["soft"])
+    return {"standard_s": standard, "soft_s": soft, "ratio": soft / standard}
+
+
+def profile(name: str, batch: int, size: int, rows: int = 12) -> None:
+    """Print the ops that take the most self CPU time in one standard and one soft step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.manual_seed(0)
+    model = build(name, size)
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+    for soft in (False, True):
+        step = make_step(copy.deepcopy(model), soft, x, y)
+        step()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        print(f"\n--- {name}, {'soft' if soft else 'standard'} step: top ops by self CPU time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="batch 4 at 64x64, 2 repeats")
+    parser.add_argument("--profile", action="store_true", help="also print the top ops of each variant")
+    args = parser.parse_args()
+    if args.quick:
+        args.batch, args.size, args.repeats = 4, 64, 2
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} at {args.size}x{args.size}")
+    print(f"{'model':<24}{'standard s/step':>17}{'soft s/step':>13}{'ratio':>8}")
+    for name in args.models:
+        r = compare(name, args.batch, args.size, args.repeats)
+        print(f"{name:<24}{r['standard_s']:>17.3f}{r['soft_s']:>13.3f}{r['ratio']:>8.3f}")
+    if args.profile:
+        for name in args.models:
+            profile(name, args.batch, args.size)
+
+
+if __name__ == "__main__":
+    main()
