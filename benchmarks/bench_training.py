@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_training.py              # resnet18 + vit_tiny_patch16_224, batch 32 at 224
     .venv/bin/python benchmarks/bench_training.py --quick      # small smoke run
     .venv/bin/python benchmarks/bench_training.py --profile    # also: where the time goes (top ops)
+    .venv/bin/python benchmarks/bench_training.py --threads 1 --clock cpu   # on a shared, busy machine
 
 A step is zero_grad, forward, cross-entropy, backward, SGD step, on random-init
 models in train mode. The soft step runs the forward and the loss inside the
@@ -10,7 +11,8 @@ engine's ``SoftBackwardMode``, exactly as ``SoftBackwardTraining`` runs a
 Lightning training step; the backward and the optimizer step run outside it.
 Both variants train their own copy of the same model and alternate step by
 step in one process (median of ``--repeats``), so the printed ratio is robust
-to machine-wide drift.
+to machine-wide drift. On a shared machine, ``--threads 1 --clock cpu`` times
+each step by this process's CPU time, which other processes barely disturb.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from sp_lightning import SoftRules
 from sp_lightning.mode import SoftBackwardMode
 
 MODELS = ("resnet18", "vit_tiny_patch16_224")
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def build(name: str, size: int) -> nn.Module:
@@ -58,7 +61,7 @@ def make_step(model: nn.Module, soft: bool, x: torch.Tensor, y: torch.Tensor) ->
     return step
 
 
-def compare(name: str, batch: int, size: int, repeats: int) -> dict[str, float]:
+def compare(name: str, batch: int, size: int, repeats: int, clock: Callable[[], float]) -> dict[str, float]:
     """Median step seconds of both variants, measured alternately, and their ratio."""
     torch.manual_seed(0)
     model = build(name, size)
@@ -69,9 +72,9 @@ def compare(name: str, batch: int, size: int, repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(repeats):
         for key, step in steps.items():
-            start = time.perf_counter()
+            start = clock()
             step()
-            times[key].append(time.perf_counter() - start)
+            times[key].append(clock() - start)
     standard, soft = statistics.median(times["standard"]), statistics.median(times["soft"])
     return {"standard_s": standard, "soft_s": soft, "ratio": soft / standard}
 
@@ -99,15 +102,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="'cpu' (process CPU time) is robust on a shared machine with --threads 1")
     parser.add_argument("--quick", action="store_true", help="batch 4 at 64x64, 2 repeats")
     parser.add_argument("--profile", action="store_true", help="also print the top ops of each variant")
     args = parser.parse_args()
     if args.quick:
         args.batch, args.size, args.repeats = 4, 64, 2
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} at {args.size}x{args.size}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
+        f"batch {args.batch} at {args.size}x{args.size}, median of {args.repeats}"
+    )
     print(f"{'model':<24}{'standard s/step':>17}{'soft s/step':>13}{'ratio':>8}")
     for name in args.models:
-        r = compare(name, args.batch, args.size, args.repeats)
+        r = compare(name, args.batch, args.size, args.repeats, CLOCKS[args.clock])
         print(f"{name:<24}{r['standard_s']:>17.3f}{r['soft_s']:>13.3f}{r['ratio']:>8.3f}")
     if args.profile:
         for name in args.models:

@@ -109,6 +109,28 @@ def make_shapes(length: int, image_size: int = 32, seed: int = 0, split: str = "
     return TensorDataset((images - 0.5) / 0.3, labels, masks)
 
 
+class ShapesData(pl.LightningDataModule):
+    """Train/val splits of :func:`make_shapes`; the training order is fixed by ``seed``.
+
+    Stand-in for ``sp_lightning.data.ShapesDataModule``.
+    """
+
+    def __init__(
+        self, train_size: int = 4096, val_size: int = 1024, image_size: int = 32, batch_size: int = 64, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_set = make_shapes(train_size, image_size, seed, "train")
+        self.val_set = make_shapes(val_size, image_size, seed, "val")
+
+    def train_dataloader(self) -> DataLoader:
+        order = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=order)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=256)
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -184,12 +206,12 @@ class ProbeMetrics(Callback):
 # --------------------------------------------------------------------------- the study
 
 
-def train_variant(name: str, args: argparse.Namespace, train: TensorDataset, val: TensorDataset) -> StudyCNN:
+def train_variant(name: str, args: argparse.Namespace, data: ShapesData) -> StudyCNN:
     """Train one variant with the shared seed, data order and budget."""
     pl.seed_everything(args.seed, verbose=False)
     model = StudyCNN()
     settings = VARIANTS[name]
-    callbacks: list[Callback] = [ProbeMetrics(TensorDataset(*(t[: args.probe] for t in val.tensors)))]
+    callbacks: list[Callback] = [ProbeMetrics(TensorDataset(*(t[: args.probe] for t in data.val_set.tensors)))]
     if settings is not None:
         callbacks.insert(0, SoftBackwardTraining(**settings))
     trainer = pl.Trainer(
@@ -202,9 +224,7 @@ def train_variant(name: str, args: argparse.Namespace, train: TensorDataset, val
         enable_model_summary=False,
         log_every_n_steps=10,
     )
-    order = torch.Generator().manual_seed(args.seed)
-    loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=order)
-    trainer.fit(model, loader, DataLoader(val, batch_size=256))
+    trainer.fit(model, datamodule=data)
     return model
 
 
@@ -241,14 +261,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         args.epochs, args.train_size, args.eval_size, args.probe = 1, 128, 64, 32
     args.out.mkdir(parents=True, exist_ok=True)
 
-    train = make_shapes(args.train_size, args.image_size, args.seed, "train")
-    val = make_shapes(args.eval_size, args.image_size, args.seed, "val")
+    data = ShapesData(args.train_size, args.eval_size, args.image_size, args.batch_size, args.seed)
     rows = []
     for name in args.variants:
         start = time.perf_counter()
-        model = train_variant(name, args, train, val)
+        model = train_variant(name, args, data)
         seconds = time.perf_counter() - start
-        rows.append({"variant": name, **measure(model.eval(), *val.tensors), "train_seconds": seconds})
+        rows.append({"variant": name, **measure(model.eval(), *data.val_set.tensors), "train_seconds": seconds})
     table = write_tables(rows, args.out)
     print(table)
     print(f"\nTables: {args.out / 'results.md'}, {args.out / 'results.csv'}.  Charts: tensorboard --logdir {args.out}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -103,13 +104,13 @@ def trainer(**kwargs: Any) -> pl.Trainer:
     return pl.Trainer(**options)
 
 
-def mlp_grads(net: nn.Sequential, x: Tensor, y: Tensor, tau: float | None) -> list[Tensor]:
-    """Hand-computed gradients of mean cross-entropy for ``net`` (Linear-ReLU-Linear).
+def mlp_grads(weights: Sequence[Tensor], x: Tensor, y: Tensor, tau: float | None) -> list[Tensor]:
+    """Hand-computed gradients of mean cross-entropy for a Linear-ReLU-Linear net with ``weights`` [W1, b1, W2, b2].
 
     The backward through the ReLU uses Phi(h / tau) (the soft rule, SPEC section 2)
     or, with ``tau=None``, the hard gate 1[h > 0]. Returns [dW1, db1, dW2, db2].
     """
-    w1, b1, w2, b2 = (p.detach() for p in net.parameters())
+    w1, b1, w2, b2 = (p.detach() for p in weights)
     h = x @ w1.T + b1
     a = h.clamp_min(0)
     logits = a @ w2.T + b2

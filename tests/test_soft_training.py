@@ -64,8 +64,8 @@ def test_step0_loss_identical_and_one_step_is_the_hand_computed_soft_step() -> N
     assert torch.equal(soft.losses[0], hard.losses[0])  # forward and loss untouched
     assert soft.step_taus == [DEFAULT_TEMPERATURES["relu"]]
     assert differs(params(soft), params(hard))  # the backward really changed
-    assert_close(params(soft), sgd(before, mlp_grads(base.net, x, y, tau=0.6), lr=base.lr))
-    assert_close(params(hard), sgd(before, mlp_grads(base.net, x, y, tau=None), lr=base.lr))
+    assert_close(params(soft), sgd(before, mlp_grads(before, x, y, tau=0.6), lr=base.lr))
+    assert_close(params(hard), sgd(before, mlp_grads(before, x, y, tau=None), lr=base.lr))
 
 
 def test_disabling_the_persistent_mode_restores_standard_training_exactly() -> None:
@@ -100,6 +100,25 @@ def test_disabling_the_persistent_mode_restores_standard_training_exactly() -> N
     step(reference, torch.optim.SGD(reference.parameters(), lr=0.5))
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), reference.parameters()))
     assert differs(after_soft, params(run(soft_steps=0)[0]))  # the soft step itself was not a plain one
+
+
+def test_plain_pytorch_scheduled_loop_gives_the_hand_computed_steps() -> None:
+    """The README's custom-loop form: new rules per step, backward outside the ``with`` block."""
+    torch.manual_seed(13)
+    net = TinyMLP().net
+    expected = params(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    plan = RuleSchedules.create({"relu": 1.0}, schedule={"kind": "linear", "tau_end": 0.5, "stop": 2})
+    data = mlp_data()
+    for step, tau in enumerate((1.0, 0.75)):
+        x, y = data[8 * step : 8 * step + 8]
+        expected = sgd(expected, mlp_grads(expected, x, y, tau=tau), lr=0.5)
+        with soft_backward(net, plan.rules_at(step, epoch=0)):
+            loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert_close(params(net), expected)
 
 
 def test_callback_leaves_no_trace_after_fit_or_failure() -> None:
@@ -244,8 +263,8 @@ def test_gradient_accumulation_and_clipping_give_the_hand_computed_step() -> Non
         gradient_clip_val=clip,
     )
     assert len(soft.losses) == 2 and soft.step_taus == [0.8, 0.8]
-    g1 = mlp_grads(base.net, *data[:8], tau=0.8)
-    g2 = mlp_grads(base.net, *data[8:16], tau=0.8)
+    g1 = mlp_grads(before, *data[:8], tau=0.8)
+    g2 = mlp_grads(before, *data[8:16], tau=0.8)
     grads = [(a + b) / 2 for a, b in zip(g1, g2)]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     assert norm > clip  # clipping really acts
@@ -306,6 +325,17 @@ def test_manual_optimization_every_forward_of_the_step_is_soft() -> None:
     torch.manual_seed(9)
     model = fit(TwoPasses(), [SoftBackwardTraining()], max_steps=2)
     assert model.step_taus == [0.6, 0.6]  # max_steps counts optimizer steps: one batch, two passes
+
+
+def test_closure_optimizers_re_run_every_step_soft() -> None:
+    """LBFGS re-evaluates the closure (training step + backward) several times per optimizer step."""
+
+    class WithLBFGS(TinyMLP):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=3)
+
+    model = fit(WithLBFGS(), [SoftBackwardTraining()], max_steps=1)
+    assert len(model.step_taus) > 1 and set(model.step_taus) == {0.6}
 
 
 def test_activation_checkpointing_fails_loudly_and_works_with_checkpoint_context() -> None:
