@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_training.py              # resnet18 + vit_tiny_patch16_224, batch 32 at 224
     .venv/bin/python benchmarks/bench_training.py --quick      # small smoke run
     .venv/bin/python benchmarks/bench_training.py --profile    # also: where the time goes (top ops)
+    .venv/bin/python benchmarks/bench_training.py --breakdown relu maxpool   # also: each rule on its own
     .venv/bin/python benchmarks/bench_training.py --threads 1 --clock cpu   # on a shared, busy machine
 
 A step is zero_grad, forward, cross-entropy, backward, SGD step, on random-init
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sp_lightning import SoftRules
+from sp_lightning import DEFAULT_TEMPERATURES, SoftRules
 from sp_lightning.mode import SoftBackwardMode
 
 MODELS = ("resnet18", "vit_tiny_patch16_224")
@@ -46,10 +47,15 @@ def build(name: str, size: int) -> nn.Module:
     return timm.create_model(name, pretrained=False, **options).train()
 
 
-def make_step(model: nn.Module, soft: bool, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One training step on ``model``; the forward runs under the soft mode when ``soft``."""
+def only(rule: str) -> SoftRules:
+    """The default rules with every rule but ``rule`` switched off."""
+    return SoftRules.create({name: (tau if name == rule else None) for name, tau in DEFAULT_TEMPERATURES.items()})
+
+
+def make_step(model: nn.Module, rules: SoftRules | None, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One training step on ``model``; the forward runs under the soft mode when ``rules`` are given."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    mode = SoftBackwardMode(SoftRules.create()) if soft else None
+    mode = SoftBackwardMode(rules) if rules is not None else None
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -61,12 +67,14 @@ def make_step(model: nn.Module, soft: bool, x: torch.Tensor, y: torch.Tensor) ->
     return step
 
 
-def compare(name: str, batch: int, size: int, repeats: int, clock: Callable[[], float]) -> dict[str, float]:
-    """Median step seconds of both variants, measured alternately, and their ratio."""
+def compare(
+    name: str, variants: dict[str, SoftRules | None], batch: int, size: int, repeats: int, clock: Callable[[], float]
+) -> dict[str, float]:
+    """Median step seconds of every variant (each on its own copy of the model), measured alternately."""
     torch.manual_seed(0)
     model = build(name, size)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
-    steps = {"standard": make_step(model, False, x, y), "soft": make_step(copy.deepcopy(model), True, x, y)}
+    steps = {key: make_step(copy.deepcopy(model), rules, x, y) for key, rules in variants.items()}
     for step in steps.values():  # warm-up (allocator, lazy init)
         step()
     times: dict[str, list[float]] = {k: [] for k in steps}
@@ -75,8 +83,7 @@ def compare(name: str, batch: int, size: int, repeats: int, clock: Callable[[], 
             start = clock()
             step()
             times[key].append(clock() - start)
-    standard, soft = statistics.median(times["standard"]), statistics.median(times["soft"])
-    return {"standard_s": standard, "soft_s": soft, "ratio": soft / standard}
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def profile(name: str, batch: int, size: int, rows: int = 12) -> None:
@@ -87,12 +94,12 @@ def profile(name: str, batch: int, size: int, rows: int = 12) -> None:
     torch.manual_seed(0)
     model = build(name, size)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
-    for soft in (False, True):
-        step = make_step(copy.deepcopy(model), soft, x, y)
+    for key, rules in (("standard", None), ("soft", SoftRules.create())):
+        step = make_step(copy.deepcopy(model), rules, x, y)
         step()
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
-        print(f"\n--- {name}, {'soft' if soft else 'standard'} step: top ops by self CPU time")
+        print(f"\n--- {name}, {key} step: top ops by self CPU time")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
@@ -106,6 +113,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="'cpu' (process CPU time) is robust on a shared machine with --threads 1")
     parser.add_argument("--quick", action="store_true", help="batch 4 at 64x64, 2 repeats")
+    parser.add_argument("--breakdown", nargs="*", default=[], metavar="RULE",
+                        help="also time the soft step with only RULE on (one variant per rule)")
     parser.add_argument("--profile", action="store_true", help="also print the top ops of each variant")
     args = parser.parse_args()
     if args.quick:
@@ -116,10 +125,13 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
         f"batch {args.batch} at {args.size}x{args.size}, median of {args.repeats}"
     )
-    print(f"{'model':<24}{'standard s/step':>17}{'soft s/step':>13}{'ratio':>8}")
+    variants: dict[str, SoftRules | None] = {"standard": None, "soft": SoftRules.create()}
+    variants.update({f"only {rule}": only(rule) for rule in args.breakdown})
+    print(f"{'model':<24}{'variant':<18}{'s/step':>9}{'ratio to standard':>19}")
     for name in args.models:
-        r = compare(name, args.batch, args.size, args.repeats, CLOCKS[args.clock])
-        print(f"{name:<24}{r['standard_s']:>17.3f}{r['soft_s']:>13.3f}{r['ratio']:>8.3f}")
+        medians = compare(name, variants, args.batch, args.size, args.repeats, CLOCKS[args.clock])
+        for key, seconds in medians.items():
+            print(f"{name:<24}{key:<18}{seconds:>9.3f}{seconds / medians['standard']:>19.3f}")
     if args.profile:
         for name in args.models:
             profile(name, args.batch, args.size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import math
 from typing import Any
 
@@ -29,15 +30,17 @@ from sp_lightning import (
 
 def fit(model: TinyMLP, callbacks: list[Callback], data: Any = None, **kwargs: Any) -> TinyMLP:
     """Fit ``model`` in place on the in-order MLP data; returns it."""
-    trainer(callbacks=callbacks, **kwargs).fit(model, loader(data or mlp_data()))
+    trainer(callbacks=callbacks, **kwargs).fit(model, loader(mlp_data() if data is None else data))
     return model
 
 
 def params(model: nn.Module) -> list[Tensor]:
+    """Detached copies of the parameters."""
     return [p.detach().clone() for p in model.parameters()]
 
 
 def sgd(before: list[Tensor], grads: list[Tensor], lr: float) -> list[Tensor]:
+    """One plain SGD step by hand."""
     return [p - lr * g for p, g in zip(before, grads)]
 
 
@@ -47,6 +50,7 @@ def assert_close(a: list[Tensor], b: list[Tensor], atol: float = 1e-6) -> None:
 
 
 def differs(a: list[Tensor], b: list[Tensor], margin: float = 1e-4) -> bool:
+    """Whether two parameter lists differ by more than ``margin`` somewhere."""
     return max((x - y).abs().max().item() for x, y in zip(a, b)) > margin
 
 
@@ -238,9 +242,8 @@ def test_linear_schedule_over_the_run_is_used_and_logged(tmp_path: Any) -> None:
     model = fit(TinyMLP(), [cb], max_steps=4, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=1)
     expected = [1.0 - 0.8 * t / 4 for t in range(4)]
     assert model.step_taus == pytest.approx(expected)
-    import csv
-
-    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
     logged = [float(r["soft_training/tau_relu"]) for r in rows if r.get("soft_training/tau_relu")]
     assert logged == pytest.approx(expected)
 

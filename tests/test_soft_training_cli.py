@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -22,7 +23,8 @@ class MLPData(pl.LightningDataModule):
         return loader(mlp_data())
 
 
-def test_recipe_loads_and_trains(tmp_path: Path) -> None:
+def test_recipe_loads_and_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # LightningCLI would also look at pytest's arguments
     cli = LightningCLI(
         TinyMLP,
         MLPData,

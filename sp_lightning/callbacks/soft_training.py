@@ -127,8 +127,8 @@ class SoftBackwardTraining(Callback):
             rank_zero_warn(
                 "SoftBackwardTraining: the model uses torch.compile and a temperature schedule changes tau every "
                 "optimizer step. Dynamo specialises the compiled graph on each tau, so every new value recompiles "
-                "until torch._dynamo's recompile limit, after which those frames run eagerly (results stay correct, "
-                "speed suffers). Use unit='epoch' or a constant schedule with torch.compile."
+                "(past torch._dynamo.config.recompile_limit, dynamo falls back to eager for those frames). "
+                "Use unit='epoch' or a constant schedule with torch.compile."
             )
         self._install(trainer)
 
