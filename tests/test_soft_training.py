@@ -204,6 +204,17 @@ def test_unbounded_run_with_open_ended_schedule_fails_clearly_at_fit_start() -> 
     assert _get_current_function_mode_stack() == []
 
 
+def test_an_already_wrapped_training_step_is_refused_clearly() -> None:
+    with pytest.raises(RuntimeError, match="more than one stateful callback"):  # Lightning refuses two of us
+        trainer(callbacks=[SoftBackwardTraining(), SoftBackwardTraining()])
+    t = trainer(callbacks=[SoftBackwardTraining()], max_steps=1)
+    other = t.strategy.training_step
+    t.strategy.training_step = other  # someone else's wrapper, as an instance attribute
+    with pytest.raises(RuntimeError, match="already has a patched training_step"):
+        t.fit(TinyMLP(), loader(mlp_data()))
+    assert vars(t.strategy)["training_step"] is other  # left as it was
+
+
 # --------------------------------------------------------------------------- schedules
 
 
