@@ -1,6 +1,6 @@
 """sp-lightning: Semantic Pullbacks for PyTorch Lightning."""
 
-from .callbacks import SemanticPullbackCallback
+from .callbacks import SemanticPullbackCallback, SoftBackwardTraining
 from .context import SoftBackward, soft_backward
 from .coverage import CoverageReport, coverage_report
 from .explainers import (
@@ -16,6 +16,7 @@ from .explainers import (
     equivalent_alpha,
 )
 from .rules import DEFAULT_TEMPERATURES, SoftRules, UncoveredGatedOpWarning
+from .schedule import RuleSchedules, TemperatureSchedule
 
 __version__ = "0.1.0"
 
@@ -28,12 +29,15 @@ __all__ = [
     "Gradient",
     "GradientAscent",
     "PullbackAscent",
+    "RuleSchedules",
     "SemanticPullbackCallback",
     "SmoothGrad",
     "SmoothPullback",
     "SoftBackward",
+    "SoftBackwardTraining",
     "SoftPullback",
     "SoftRules",
+    "TemperatureSchedule",
     "UncoveredGatedOpWarning",
     "coverage_report",
     "equivalent_alpha",

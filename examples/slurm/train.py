@@ -1,0 +1,25 @@
+"""LightningCLI entry point for the SLURM example (any model/data class path works).
+
+    python examples/slurm/train.py fit --config examples/slurm/config.yaml --config callbacks/soft_training.yaml
+
+On a cluster, ``soft_training.sbatch`` starts one copy per GPU with ``srun``;
+Lightning reads the SLURM environment (ranks, master address) by itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so the config can name examples' classes
+
+
+def main(args: list[str] | None = None) -> LightningCLI:
+    """Parse ``args`` (default: the command line) and run the subcommand."""
+    return LightningCLI(subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True}, args=args)
+
+
+if __name__ == "__main__":
+    main()
