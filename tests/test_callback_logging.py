@@ -6,6 +6,7 @@ import csv
 import glob
 import math
 import os
+import threading
 import warnings
 from typing import Any
 
@@ -155,6 +156,50 @@ def test_png_fallback_with_one_warning_and_scalars_in_other_loggers(tmp_path) ->
         rows = list(csv.DictReader(handle))
     logged = [int(r["step"]) for r in rows if r.get("semantic_pullback/seconds")]
     assert logged == [0, 4, 8]
+
+
+def test_images_are_drawn_off_the_training_thread_and_match_inline_drawing(tmp_path) -> None:
+    on_main: dict[bool, set[bool]] = {}
+    written: dict[bool, list[tuple[int, dict[str, torch.Tensor]]]] = {}
+    for background in (True, False):
+        callback = SemanticPullbackCallback(num_images=2, background=background)
+        write = callback._write
+
+        def recording(trainer: pl.Trainer, step: int, panels: dict, background: bool = background, write=write) -> None:
+            on_main.setdefault(background, set()).add(threading.current_thread() is threading.main_thread())
+            written.setdefault(background, []).append((step, panels))
+            write(trainer, step, panels)
+
+        callback._write = recording  # type: ignore[method-assign]
+        pl.seed_everything(0, verbose=False)  # the mocked explanation draws random maps: the same ones both times
+        fit(callback, tmp_path / str(background), max_epochs=2)
+        assert callback._pending is None and callback._drawing is None  # finished and stopped when training ended
+    assert on_main == {True: {False}, False: {True}}
+    assert [step for step, _ in written[True]] == [step for step, _ in written[False]] == [0, 4, 8]
+    for (_, drawn), (_, inline) in zip(written[True], written[False]):
+        assert drawn.keys() == inline.keys() and all(torch.equal(drawn[k], inline[k]) for k in drawn)
+
+
+@pytest.mark.parametrize("on_error", ["warn", "raise"])
+def test_a_failure_while_drawing_in_the_background_is_reported(tmp_path, on_error: str) -> None:
+    callback = SemanticPullbackCallback(num_images=2, on_error=on_error)
+
+    def broken(result: Explanations) -> dict:
+        raise ValueError("no ink")
+
+    callback._render = broken  # type: ignore[method-assign]
+    if on_error == "raise":  # step 0's failure surfaces at the next log (end of epoch 1) and stops training
+        with pytest.raises(RuntimeError, match="failed at step 0: ValueError: no ink"):
+            fit(callback, tmp_path, max_epochs=3)
+        assert callback._drawing is None
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = fit(callback, tmp_path, max_epochs=1)
+    failed = [str(w.message) for w in caught if "ValueError: no ink" in str(w.message)]
+    assert len(failed) == 2 and "failed at step 0" in failed[0] and "failed at step 4" in failed[1]
+    assert trainer.global_step == STEPS_PER_EPOCH  # training went on
+    assert callback._pending is None and callback._drawing is None
 
 
 def test_png_fallback_without_any_logger_uses_the_root_dir(tmp_path) -> None:

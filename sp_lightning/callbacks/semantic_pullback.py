@@ -13,6 +13,7 @@ import dataclasses
 import os
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -107,13 +108,22 @@ def _no_autocast(device: torch.device) -> Any:
 
 @contextmanager
 def one_thread() -> Iterator[None]:
-    """One intra-op thread for drawing panels: on ~100 KB tensors, waking a thread pool costs more than the work."""
+    """One intra-op thread for drawing panels: on ~100 KB tensors, waking a thread pool costs more than the work.
+
+    The setting belongs to the calling thread (OpenMP), so the background drawing thread
+    keeps one thread for its whole life without touching the training thread's.
+    """
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def _drawing_thread_init() -> None:
+    """Initialiser of the background drawing thread: one intra-op thread (see :func:`one_thread`)."""
+    torch.set_num_threads(1)
 
 
 class SemanticPullbackCallback(Callback):
@@ -182,6 +192,11 @@ class SemanticPullbackCallback(Callback):
             logger's log directory, else the trainer's ``default_root_dir``).
         on_error: ``"warn"`` reports a failed explanation and lets training continue;
             ``"raise"`` stops training. The model is restored either way.
+        background: draw the panels and write the images on a background thread, so
+            training goes on meanwhile (explanations themselves always run on the training
+            thread, between steps). At most one log's images are pending; they are
+            finished before the next log and when training ends. A failure there is
+            reported (``on_error``) at the next log or at the end. ``False``: draw inline.
 
     Under DDP every rank explains (and scores) its share of the probe images and rank 0 writes.
     FSDP, DeepSpeed and ModelParallel strategies shard parameters and are refused at fit start.
@@ -220,6 +235,7 @@ class SemanticPullbackCallback(Callback):
         tag: str = "semantic_pullback",
         png_dir: str | None = None,
         on_error: OnError = "warn",
+        background: bool = True,
     ) -> None:
         super().__init__()
         for name, value in {"num_images": num_images, "top_k": top_k, "ascent_steps": ascent_steps}.items():
@@ -277,12 +293,14 @@ class SemanticPullbackCallback(Callback):
         self.min_image_size, self.max_image_size = min_image_size, max_image_size
         self.mean, self.std, self.denormalize, self.input_bounds = mean, std, denormalize, input_bounds
         self.class_names = list(class_names) if class_names is not None else None
-        self.tag, self.png_dir, self.on_error = tag, png_dir, on_error
+        self.tag, self.png_dir, self.on_error, self.background = tag, png_dir, on_error, bool(background)
         self._user_probe = self._read_user_probe(images, labels)
         self._probe: ProbeSet | None = None
         self._previous: Tensor | None = None
         self._last_step: int | None = None
         self._warned_png = False
+        self._drawing: ThreadPoolExecutor | None = None  # rank 0's background drawing thread
+        self._pending: tuple[int, Future[None]] | None = None  # (step, its images being drawn and written)
         # resolved at fit start
         self._names: list[str] | None = None
         self._bounds: tuple[Tensor, Tensor] | None = None
@@ -347,6 +365,39 @@ class SemanticPullbackCallback(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.log_explanations(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.wait()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Training already failed: finish the pending images, but only warn about their own failure."""
+        try:
+            self._stop_drawing()
+        except Exception as error:  # on_error="raise" must not hide the exception that stopped training
+            rank_zero_warn(str(error))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Finish pending images (e.g. from ``log_explanations`` under ``trainer.validate``)."""
+        self._stop_drawing()
+
+    def _stop_drawing(self) -> None:
+        """Wait for the pending images, then end the drawing thread (a new one starts with the next log)."""
+        try:
+            self.wait()
+        finally:
+            if self._drawing is not None:
+                self._drawing.shutdown()
+                self._drawing = None
+
+    def wait(self) -> None:
+        """Block until the last log's images are written; report their failure as ``on_error`` says."""
+        if self._pending is None:
+            return
+        step, future = self._pending
+        self._pending = None
+        error = future.exception()
+        if error is not None:
+            self._fail(step, self._describe(error), error)
 
     # ------------------------------------------------------------------ set-up
 
@@ -613,9 +664,15 @@ class SemanticPullbackCallback(Callback):
         self._previous = result.soft_maps[:, 0].clone()
         if not trainer.is_global_zero:
             return
-        try:  # rank 0 alone from here on: no collectives below
-            with one_thread():
-                self._write(trainer, step, self._render(result))
+        self.wait()  # rank 0 alone from here on: no collectives below
+        try:
+            if self.background:
+                if self._drawing is None:
+                    self._drawing = ThreadPoolExecutor(1, "sp-lightning-drawing", initializer=_drawing_thread_init)
+                self._pending = (step, self._drawing.submit(self._draw, trainer, step, result))
+            else:
+                with one_thread():
+                    self._draw(trainer, step, result)
             self._log_scalars(trainer, step, result, drift, time.perf_counter() - start)
         except Exception as exc:
             self._fail(step, self._describe(exc), exc)
@@ -654,6 +711,10 @@ class SemanticPullbackCallback(Callback):
         assert self._bounds is not None
         low, high = (b.view(-1, 1, 1) for b in self._bounds)
         return ((images - low) / (high - low)).clamp(0.0, 1.0)
+
+    def _draw(self, trainer: pl.Trainer, step: int, result: Explanations) -> None:
+        """Draw the panels of one log and write them (on the drawing thread unless ``background=False``)."""
+        self._write(trainer, step, self._render(result))
 
     def _render(self, result: Explanations) -> dict[str, Tensor]:
         """A labelled panel per probe image and a compact overview grid, keyed by TensorBoard tag.
