@@ -3,7 +3,8 @@
 One tiny real fit with ``SemanticPullbackCallback`` writes a log directory; the
 ``tensorboard`` command runs on it on localhost, and everything below is read
 through TensorBoard's HTTP data API (what its web page reads), compared with
-what the event files hold.
+what the event files hold. Last, the README's screenshots (made by
+``docs/screenshot.py`` from TensorBoard in headless Chromium) must exist.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import urllib.error
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -135,3 +138,13 @@ def test_server_stops_on_exit_and_a_failed_start_shows_its_output(tmp_path) -> N
     with pytest.raises(RuntimeError, match=r"(?s)exited with code 2\..*unrecognized arguments: --no_such_flag"):
         with serve_tensorboard(str(tmp_path), extra_args=["--no_such_flag"]):
             pass
+
+
+def test_readme_screenshots_exist_as_pngs() -> None:
+    root = Path(__file__).resolve().parents[1]
+    shown = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (root / "README.md").read_text())
+    assert "docs/tensorboard.png" in shown
+    for path in shown:
+        with Image.open(root / path) as picture:
+            picture.load()
+            assert picture.format == "PNG" and min(picture.size) > 0, path
