@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader
 from .data import ShapesDataModule
 from .callbacks import SemanticPullbackCallback
 from .explainers import Explainer, Gradient, SoftPullback
-from .metrics import PointingGame, RelevanceMass
+from .metrics import ExplanationScores, MetricFactory, PointingGame, RelevanceMass
 from .models import ImageClassifier
 
 
@@ -37,19 +38,24 @@ class Localisation:
     mass: float  # mean share of relevance that falls on the object
 
 
+#: The two mask metrics, keyed by :class:`Localisation`'s field names.
+LOCALISATION_METRICS: dict[str, MetricFactory] = {
+    "pointing": lambda explainer: PointingGame(explainer.model),
+    "mass": lambda explainer: RelevanceMass(explainer.model),
+}
+
+
 def localisation(loader: DataLoader, explainers: Mapping[str, Explainer]) -> dict[str, Localisation]:
     """Pointing game and relevance mass of each explainer over ``loader``'s (images, labels, masks) batches.
 
     Relevance is the absolute attribution summed over channels, scored with
-    :class:`~sp_lightning.metrics.PointingGame` and :class:`~sp_lightning.metrics.RelevanceMass`.
+    :class:`~sp_lightning.metrics.PointingGame` and :class:`~sp_lightning.metrics.RelevanceMass`
+    (through :class:`~sp_lightning.metrics.ExplanationScores`).
     """
-    metrics = {name: (PointingGame(e.model), RelevanceMass(e.model)) for name, e in explainers.items()}
+    scores = ExplanationScores(explainers, LOCALISATION_METRICS)
     for images, labels, masks in loader:
-        for name, explainer in explainers.items():
-            relevance = explainer.attribute(images, labels).abs().sum(dim=1, keepdim=True)
-            for metric in metrics[name]:
-                metric.update(images, relevance, labels, masks)
-    return {name: Localisation(float(point.compute()), float(mass.compute())) for name, (point, mass) in metrics.items()}
+        scores.update(images, labels, masks)
+    return {name: Localisation(**values) for name, values in scores.compute().items()}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -80,12 +86,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     """Run the demo; returns the numbers it prints (``accuracy``, ``localisation``, ``logdir``)."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return run(args)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` intra-op CPU threads for torch; the previous count comes back afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:

@@ -13,6 +13,8 @@ from torch import nn
 
 from sp_lightning import Gradient, SoftPullback
 from sp_lightning.metrics import (
+    ExplanationMetric,
+    ExplanationScores,
     FaithfulnessCorrelation,
     FaithfulnessEstimate,
     Focus,
@@ -412,3 +414,41 @@ def test_per_channel_masks_broadcast_against_one_channel_attributions() -> None:
     masks[0, 2, 1, 1] = True  # only channel 2 of the peak pixel: the one-channel map counts once per channel
     assert scores(PointingGame(model), x, a, 0, (masks,)).tolist() == [1.0]
     torch.testing.assert_close(scores(RelevanceMass(model), x, a, 0, (masks,)), torch.tensor([3.0 / 12.0]))
+
+
+# ---------------------------------------------------------------- ExplanationScores
+
+
+def test_explanation_scores_feed_mask_metrics_relevance_and_the_others_raw_attributions() -> None:
+    model = tiny_cnn()
+    x, y, _ = batch()
+    masks = torch.zeros(BATCH, SIDE, SIDE, dtype=torch.bool)
+    masks[:, : SIDE // 2] = True
+    explainers = {"gradient": Gradient(model), "sp": SoftPullback(model)}
+    board = ExplanationScores(
+        explainers,
+        {
+            "mass": lambda e: RelevanceMass(e.model),
+            "faithfulness": lambda e: FaithfulnessCorrelation(e.model, abs=False),  # signed: raw != |.| summed
+            "random_logit": lambda e: RandomLogit(e.model, e, num_classes=10),  # needs the raw, input-shaped maps
+        },
+    )
+    maps = board.update(x, y, masks)
+    result = board.compute()
+    assert set(result) == set(explainers)
+    for name, explainer in explainers.items():
+        torch.testing.assert_close(maps[name], explainer.attribute(x, y))
+        relevance = maps[name].abs().sum(dim=1, keepdim=True)
+        expected = {
+            "mass": scores_of(RelevanceMass(model), x, relevance, y, masks),
+            "faithfulness": scores_of(FaithfulnessCorrelation(model, abs=False), x, maps[name], y),
+            "random_logit": scores_of(RandomLogit(model, explainer, num_classes=10), x, maps[name], y),
+        }
+        assert result[name] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="masks"):
+        board.update(x, y)
+
+
+def scores_of(metric: ExplanationMetric, x: torch.Tensor, a: torch.Tensor, y: torch.Tensor, *extra: torch.Tensor) -> float:
+    metric.update(x, a, y, *extra)
+    return float(metric.compute())

@@ -1,4 +1,4 @@
-"""LightningCLI entry point for the SLURM example (any model/data class path works).
+"""LightningCLI entry point for the SLURM example (any importable model/data class path works).
 
     python examples/slurm/train.py fit --config examples/slurm/config.yaml --config callbacks/soft_training.yaml
 
@@ -8,12 +8,7 @@ Lightning reads the SLURM environment (ranks, master address) by itself.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from lightning.pytorch.cli import LightningCLI
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so the config can name examples' classes
 
 
 def main(args: list[str] | None = None) -> LightningCLI:

@@ -22,6 +22,9 @@ MonotonicityCorrelation           480 forwards
 Cheap choices for monitoring during training: the localisation metrics,
 ``RandomLogit``, ``FaithfulnessCorrelation``, ``Infidelity(repeats=1, patch_sizes=[s])``
 (4 forwards with s = half the side) and ``MaxSensitivity(samples=1..2)``.
+
+:class:`ExplanationScores` runs several explainers through several metrics batch by
+batch, explaining each batch once.
 """
 
 from .base import ExplainerMetric, ExplanationMetric
@@ -29,15 +32,18 @@ from .faithfulness import FaithfulnessCorrelation, FaithfulnessEstimate, Infidel
 from .localisation import Focus, Mosaics, PointingGame, RelevanceMass, make_mosaics
 from .quantus_adapter import QuantusExplainFunc, optimal_scaling_loss
 from .robustness import MaxSensitivity, RandomLogit
+from .scoring import ExplanationScores, MetricFactory
 
 __all__ = [
     "ExplainerMetric",
     "ExplanationMetric",
+    "ExplanationScores",
     "FaithfulnessCorrelation",
     "FaithfulnessEstimate",
     "Focus",
     "Infidelity",
     "MaxSensitivity",
+    "MetricFactory",
     "MonotonicityCorrelation",
     "Mosaics",
     "PointingGame",
