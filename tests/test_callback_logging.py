@@ -21,7 +21,7 @@ import sp_lightning.callbacks.semantic_pullback as module
 from callback_support import (  # noqa: F401  (one_thread is a fixture)
     CLASS_NAMES, MEAN, STD, BlobData, TinyClassifier, blob_images, one_thread, trainer_kwargs,
 )
-from sp_lightning import SemanticPullbackCallback, SoftPullback
+from sp_lightning import PullbackAscent, SemanticPullbackCallback, SoftPullback
 from sp_lightning.callbacks import Explanations
 from sp_lightning.metrics import FaithfulnessCorrelation, RandomLogit
 
@@ -288,6 +288,25 @@ def test_counterfactuals_are_clipped_to_the_valid_input_range(tmp_path) -> None:
     cf = result.counterfactuals
     assert (cf >= low.view(3, 1, 1) - 1e-6).all() and (cf <= high.view(3, 1, 1) + 1e-6).all()
     assert not torch.equal(cf[:, 0], callback.probe.images)  # it moved
+
+
+def test_counterfactuals_reuse_the_soft_pullback_and_equal_a_fresh_ascent(tmp_path, monkeypatch) -> None:
+    callback = SemanticPullbackCallback(num_images=4, every_n_epochs=None)
+    trainer, _ = fit(callback, tmp_path, mock=False)
+    model, probe = trainer.lightning_module, callback.probe
+    given: list[Any] = []
+    ascend = module.PullbackAscent.ascend
+
+    def spy(self: PullbackAscent, *args: Any, **kwargs: Any) -> Any:
+        given.append(kwargs.get("first"))
+        return ascend(self, *args, **kwargs)
+
+    monkeypatch.setattr(module.PullbackAscent, "ascend", spy)
+    result = callback.explain(model, probe.images, probe.labels)
+    assert given[0] is not None and given[0].shape[1] == 2  # the first step came from the Soft Pullback
+    fresh = PullbackAscent(model, callback._alpha, callback.ascent_steps, clip="every", bounds=callback._bounds)
+    expected = fresh.ascend(probe.images, result.counterfactual_targets).counterfactual
+    torch.testing.assert_close(result.counterfactuals, expected)
 
 
 def test_unknown_normalisation_falls_back_to_the_probe_range_with_a_warning(tmp_path) -> None:

@@ -117,6 +117,25 @@ def test_pullback_ascent_iterates(model: nn.Module, x: Tensor) -> None:
     torch.testing.assert_close(explainer.counterfactual(x, 0), second)
 
 
+def test_pullback_ascent_reuses_a_given_first_pullback(model: nn.Module, x: Tensor) -> None:
+    targets = torch.tensor([[0, 1], [2, 3]]).repeat(x.shape[0] // 2 + 1, 1)[: x.shape[0]]
+    sp = SoftPullback(model).attribute(x, targets)
+    explainer = PullbackAscent(model, alpha=3.0, steps=2)
+    expected = explainer.ascend(x, targets)
+    reused = explainer.ascend(x, targets, first=sp)
+    torch.testing.assert_close(reused.counterfactual, expected.counterfactual, rtol=0, atol=0)
+    # The given pullback really drives the first step: a different one moves the result.
+    moved = explainer.ascend(x, targets, first=sp.flip(0))
+    assert not torch.allclose(moved.counterfactual, expected.counterfactual)
+    single = explainer.ascend(x, 1, first=SoftPullback(model).attribute(x, 1))
+    torch.testing.assert_close(single.counterfactual, explainer.counterfactual(x, 1), rtol=0, atol=0)
+
+
+def test_pullback_ascent_rejects_a_first_pullback_of_the_wrong_shape(model: nn.Module, x: Tensor) -> None:
+    with pytest.raises(ValueError, match="first must be the pullback toward target"):
+        PullbackAscent(model).ascend(x, 1, first=torch.zeros(x.shape[0], 1, *x.shape[1:]))
+
+
 def test_unclipped_ascent_moves_at_most_alpha_times_steps(model: nn.Module, x: Tensor) -> None:
     delta = PullbackAscent(model, alpha=4.0, steps=3).attribute(x, 1)
     assert (delta.flatten(1).norm(dim=1) <= 12.0 + 1e-4).all()

@@ -89,11 +89,18 @@ class PullbackAscent(Explainer):
             raise ValueError("bounds must be a pair (low, high).")
         self.alpha, self.steps, self.eps, self.clip, self.bounds = float(alpha), int(steps), eps, clip, bounds
 
-    def ascend(self, inputs: Tensor, target: TargetLike) -> AscentResult:
-        """Run the ascent once; returns the attribution and the counterfactual (shaped like ``attribute``)."""
+    def ascend(self, inputs: Tensor, target: TargetLike, first: Tensor | None = None) -> AscentResult:
+        """Run the ascent once; returns the attribution and the counterfactual (shaped like ``attribute``).
+
+        ``first``: the pullback at ``inputs`` toward ``target`` with this explainer's rules, when the
+        caller already has it (shaped like ``attribute``'s output, e.g. from :class:`SoftPullback`
+        with the same temperatures); the first step then reuses it instead of recomputing it.
+        """
         with self._session():
             targets, single = self._targets(inputs, target)
-            delta, final = self._ascend(inputs.detach().clone(), targets)
+            if first is not None:
+                first = self._check_first(first, inputs, targets, single)
+            delta, final = self._ascend(inputs.detach().clone(), targets, first)
         if single:
             delta, final = delta[:, 0], final[:, 0]
         return AscentResult(delta, final)
@@ -105,7 +112,17 @@ class PullbackAscent(Explainer):
     def _attribute(self, inputs: Tensor, targets: Tensor) -> Tensor:
         return self._ascend(inputs, targets)[0]
 
-    def _ascend(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def _check_first(first: Tensor, inputs: Tensor, targets: Tensor, single: bool) -> Tensor:
+        """``first`` as a detached (B, T, ...) tensor, or a clear error when its shape does not fit."""
+        expected = (targets.shape[0],) + (() if single else (targets.shape[1],)) + tuple(inputs.shape[1:])
+        if not isinstance(first, Tensor) or tuple(first.shape) != expected:
+            shape = tuple(first.shape) if isinstance(first, Tensor) else type(first).__name__
+            raise ValueError(f"first must be the pullback toward target, shaped {expected}; got {shape}.")
+        first = first.detach().to(dtype=inputs.dtype, device=inputs.device)
+        return first.unsqueeze(1) if single else first
+
+    def _ascend(self, inputs: Tensor, targets: Tensor, first: Tensor | None = None) -> tuple[Tensor, Tensor]:
         batch, count = targets.shape
         sample_shape = inputs.shape[1:]
         low, high = (_as_bound(b, inputs) for b in self.bounds) if self.bounds is not None else (None, None)
@@ -114,7 +131,7 @@ class PullbackAscent(Explainer):
         x = start
         for step in range(self.steps):
             if step == 0:  # the first pullback is shared by all T targets of an input
-                grad = self.pullback(inputs, targets).reshape(batch * count, *sample_shape)
+                grad = (self.pullback(inputs, targets) if first is None else first).reshape(batch * count, *sample_shape)
             else:
                 grad = self.pullback(x, flat_targets)[:, 0]
             norm = grad.flatten(1).norm(dim=1).clamp_min(1e-20).view(-1, *([1] * len(sample_shape)))
