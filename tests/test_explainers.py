@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sp_lightning import (
     DoublePullback,
@@ -75,6 +78,51 @@ def test_several_targets_share_forwards(name: str, forwards: int, model: nn.Modu
     calls = count_forwards(model)
     EXPLAINERS[name](model).attribute(x, torch.tensor([[0, 1, 2, 3]] * 3))
     assert calls[0] == forwards
+
+
+class MixedGates(nn.Module):
+    """ReLU, both max-pool paths (separable; ceil_mode), fused SDPA and hand-written attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.qkv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 24), nn.Linear(8, 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.max_pool2d(F.max_pool2d(torch.relu(self.conv(x)), 2), 3, 2, ceil_mode=True)
+        q, k, v = self.qkv(h.flatten(2).transpose(1, 2)).chunk(3, dim=-1)
+        fused = F.scaled_dot_product_attention(q, k, v)
+        by_hand = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        return self.head((fused + by_hand).mean(1))
+
+
+class KernelCounter(TorchDispatchMode):
+    """Counts the kernels soft rules derive their weights with (erfc: gates; exp: max-pool; softmax, pow)."""
+
+    COUNTED = ("erfc", "exp", "_softmax", "pow", "threshold")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.count += func.overloadpacket.__name__.rstrip("_") in self.COUNTED
+        return func(*args, **(kwargs or {}))
+
+
+def test_several_targets_derive_each_gate_once_and_equal_separate_calls(x: Tensor) -> None:
+    model = MixedGates().eval()
+    explainer = SoftPullback(model, {"attention": 0.5})
+    targets = torch.tensor([[0, 5, 2], [1, 1, 3], [4, 0, 2]])
+    counts = []
+    for t in (targets[:, :1], targets[:, :2], targets):
+        with KernelCounter() as counter:
+            together = explainer.attribute(x, t)
+        counts.append(counter.count)
+    # Gates, window weights and softened attention are derived once per graph: no more work per extra target.
+    assert 0 < counts[2] == counts[1] <= counts[0]
+    for t in range(3):
+        torch.testing.assert_close(together[:, t], explainer.attribute(x, targets[:, t]), rtol=0, atol=0)
 
 
 def test_gradient_is_the_autograd_gradient_of_the_logit(model: nn.Module, x: Tensor) -> None:

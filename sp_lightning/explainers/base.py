@@ -119,10 +119,10 @@ class Explainer:
         stack.enter_context(suspended(self.model))
         return stack
 
-    def logits(self, inputs: Tensor) -> Tensor:
-        """Forward with this explainer's rules; returns (B, C) logits."""
-        rules = soft_backward(self.model, self.rules) if self.rules.any_active else nullcontext()
-        with rules:
+    def logits(self, inputs: Tensor, rules: SoftRules | None = None) -> Tensor:
+        """Forward with this explainer's rules (or ``rules``); returns (B, C) logits."""
+        rules = rules or self.rules
+        with soft_backward(self.model, rules) if rules.any_active else nullcontext():
             output = self.model(inputs)
         logits = self.logits_fn(output)
         if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
@@ -136,7 +136,9 @@ class Explainer:
     def pullback(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """(B, T, ...) pullbacks of the T target logits at ``inputs``, sharing one forward."""
         x = inputs.detach().requires_grad_(True)
-        logits = self.logits(x)
+        count = targets.shape[1]
+        # Several targets pull back through one graph: each rule derives its gate once, not per target.
+        logits = self.logits(x, replace(self.rules, keep_derived=count > 1))
         num_classes = logits.shape[1]
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
             raise ValueError(
@@ -144,7 +146,6 @@ class Explainer:
                 f"got values in [{int(targets.min())}, {int(targets.max())}]."
             )
         selected = logits.gather(1, targets)
-        count = targets.shape[1]
         grads = [
             torch.autograd.grad(selected[:, t].sum(), x, retain_graph=t < count - 1)[0] for t in range(count)
         ]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .gates import TINY, flush_tiny_
+from .gates import TINY, derived, flush_tiny_
 
 _SOFTMAX_TAG = "_sp_softmax"
 
@@ -59,14 +59,16 @@ class SoftSDPA(torch.autograd.Function):
         is_causal: bool,
         scale: float | None,
         tau: float,
+        keep: bool,
     ) -> Tensor:
         out = call(q, k, v)
         ctx.save_for_backward(q, k, attn_mask)
-        ctx.is_causal, ctx.scale, ctx.tau, ctx.value_shape = is_causal, scale, tau, v.shape
+        ctx.is_causal, ctx.scale, ctx.tau, ctx.value_shape, ctx.keep = is_causal, scale, tau, v.shape, keep
         return out
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+    def _softened(ctx: Any) -> Tensor:
+        """Ã = softmax(Q K^T s / tau) with the forward's mask, rebuilt from the saved Q and K."""
         q, k, attn_mask = ctx.saved_tensors
         if q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
             k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)  # grouped-query attention
@@ -81,29 +83,35 @@ class SoftSDPA(torch.autograd.Function):
                 logits = logits.masked_fill(~attn_mask, float("-inf"))
             else:
                 logits = logits + attn_mask / ctx.tau
-        attn = flush_tiny_(torch.softmax(logits, dim=-1))
+        return flush_tiny_(torch.softmax(logits, dim=-1))
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        attn = derived(ctx, lambda: SoftSDPA._softened(ctx))
         grad_v = attn.transpose(-2, -1).to(g.dtype) @ g
         value_shape = ctx.value_shape
         if len(value_shape) >= 3 and grad_v.shape[-3] != value_shape[-3]:
             groups = grad_v.shape[-3] // value_shape[-3]  # grouped-query attention: fold the repeats back
             grad_v = grad_v.unflatten(-3, (value_shape[-3], groups)).sum(-3)
-        return None, None, _sum_to_shape(grad_v, value_shape), None, None, None, None, None
+        return None, None, _sum_to_shape(grad_v, value_shape), None, None, None, None, None, None
 
 
 class SoftAttentionValue(torch.autograd.Function):
     """``A @ V`` where A is a softmax output: forward unchanged, backward ``Ã^T v`` to V only."""
 
     @staticmethod
-    def forward(ctx: Any, attn: Tensor, value: Tensor, call: Any, tau: float) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, attn: Tensor, value: Tensor, call: Any, tau: float, keep: bool
+    ) -> Tensor:
         out = call(attn, value)
         ctx.save_for_backward(attn)
-        ctx.tau, ctx.value_shape = tau, value.shape
+        ctx.tau, ctx.value_shape, ctx.keep = tau, value.shape, keep
         return out
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        (attn,) = ctx.saved_tensors
-        return None, _value_cotangent(soften(attn, ctx.tau), g, ctx.value_shape), None, None
+        softened = derived(ctx, lambda: soften(ctx.saved_tensors[0], ctx.tau))
+        return None, _value_cotangent(softened, g, ctx.value_shape), None, None, None
 
 
 def tag_softmax(out: Tensor, dim: int) -> None:

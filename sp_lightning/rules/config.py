@@ -72,6 +72,11 @@ class SoftRules:
     #: Whether rules with parameters (the norms) compute parameter gradients. Explainers switch
     #: it off: they only need input gradients, and a custom autograd Function cannot tell.
     param_grads: bool = True
+    #: Whether each rule keeps what its backward derives from the forward (gates, max-pool window
+    #: weights, softened attention) after the first backward through a graph, so that further
+    #: backward passes (several targets) reuse it: faster, one such tensor per soft op held until
+    #: the graph is freed. Explainers switch it on when they pull back more than one target.
+    keep_derived: bool = False
 
     @classmethod
     def create(

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from .sources import Source
 
-#: gate(source, tau, params, v) -> v * (surrogate derivative), shaped like x.
-Gate = Callable[[Source, float, dict[str, Any], Tensor], Tensor]
+#: gate(source, tau, params) -> the surrogate derivative, a fresh tensor shaped like x.
+Gate = Callable[[Source, float, dict[str, Any]], Tensor]
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -39,16 +39,16 @@ def _phi_(z: Tensor) -> Tensor:
     return z.mul_(-_INV_SQRT_2).erfc_().mul_(0.5)
 
 
-def relu_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
-    """v * Phi(x / tau): ReLU and GELU. The constants fold into the one pass that recomputes x."""
+def relu_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
+    """Phi(x / tau): ReLU and GELU. The constants fold into the one pass that recomputes x."""
     u = src.scaled(-_INV_SQRT_2 / tau)
-    return flush_tiny_(u.erfc_()).mul_(v).mul_(0.5)
+    return flush_tiny_(u.erfc_()).mul_(0.5)
 
 
-def leaky_relu_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
-    """v * (s + (1 - s) * Phi(x / tau)) for negative slope s."""
+def leaky_relu_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
+    """s + (1 - s) * Phi(x / tau) for negative slope s."""
     s = float(params.get("negative_slope", 0.01))
-    return _phi_(src.scaled(1.0 / tau)).mul_(1.0 - s).add_(s).mul_(v)
+    return _phi_(src.scaled(1.0 / tau)).mul_(1.0 - s).add_(s)
 
 
 def _band(z: Tensor, lo: float, hi: float) -> Tensor:
@@ -57,29 +57,29 @@ def _band(z: Tensor, lo: float, hi: float) -> Tensor:
     return upper.sub_(_phi_(z.sub_(hi)))
 
 
-def hardtanh_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
-    """v * (Phi((x - lo) / tau) - Phi((x - hi) / tau)): ReLU6 and hardtanh."""
+def hardtanh_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
+    """Phi((x - lo) / tau) - Phi((x - hi) / tau): ReLU6 and hardtanh."""
     lo, hi = float(params.get("min_val", -1.0)), float(params.get("max_val", 1.0))
-    return flush_tiny_(_band(src.scaled(1.0 / tau), lo / tau, hi / tau)).mul_(v)
+    return flush_tiny_(_band(src.scaled(1.0 / tau), lo / tau, hi / tau))
 
 
-def elu_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
+def elu_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
     """ELU's branch derivatives (1 and alpha*exp(x)) blended by the soft gate Phi(x / tau)."""
     alpha = float(params.get("alpha", 1.0))
     x = src.value()
     p = _phi_(x / tau)
     neg = torch.exp(torch.clamp(x, max=0.0)).mul_(alpha)
-    return flush_tiny_(neg.mul_(1.0 - p).add_(p)).mul_(v)
+    return flush_tiny_(neg.mul_(1.0 - p).add_(p))
 
 
-def silu_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
-    """v * sigmoid(x / tau): SiLU's gate, not its derivative (SPEC)."""
-    return flush_tiny_(src.scaled(1.0 / tau).sigmoid_()).mul_(v)
+def silu_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
+    """sigmoid(x / tau): SiLU's gate, not its derivative (SPEC)."""
+    return flush_tiny_(src.scaled(1.0 / tau).sigmoid_())
 
 
-def mish_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
-    """v * tanh(softplus(x / tau)): Mish's gate softened like SiLU's."""
-    return flush_tiny_(torch.nn.functional.softplus(src.scaled(1.0 / tau)).tanh_()).mul_(v)
+def mish_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
+    """tanh(softplus(x / tau)): Mish's gate softened like SiLU's."""
+    return flush_tiny_(torch.nn.functional.softplus(src.scaled(1.0 / tau)).tanh_())
 
 
 def _smoothed_ramp(m: Tensor, tau: float) -> Tensor:
@@ -89,15 +89,29 @@ def _smoothed_ramp(m: Tensor, tau: float) -> Tensor:
     return _phi_(u).mul_(m).add_(density)
 
 
-def hardswish_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
-    """v * E[hardsigmoid(x + tau*eps)]: the Gaussian-smoothed gate of hardswish = x * hardsigmoid(x)."""
+def hardswish_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
+    """E[hardsigmoid(x + tau*eps)]: the Gaussian-smoothed gate of hardswish = x * hardsigmoid(x)."""
     x = src.value()
-    return flush_tiny_(_smoothed_ramp(x + 3.0, tau) - _smoothed_ramp(x - 3.0, tau)).mul_(v / 6.0)
+    return flush_tiny_(_smoothed_ramp(x + 3.0, tau).sub_(_smoothed_ramp(x - 3.0, tau)).div_(6.0))
 
 
-def hardsigmoid_gate(src: Source, tau: float, params: dict[str, Any], v: Tensor) -> Tensor:
-    """v * (Phi((x+3)/tau) - Phi((x-3)/tau)) / 6: Gaussian-smoothed derivative of hardsigmoid."""
-    return flush_tiny_(_band(src.scaled(1.0 / tau), -3.0 / tau, 3.0 / tau)).mul_(v / 6.0)
+def hardsigmoid_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
+    """(Phi((x+3)/tau) - Phi((x-3)/tau)) / 6: Gaussian-smoothed derivative of hardsigmoid."""
+    return flush_tiny_(_band(src.scaled(1.0 / tau), -3.0 / tau, 3.0 / tau).div_(6.0))
+
+
+def derived(ctx: Any, compute: Callable[[], Any]) -> Any:
+    """What a rule's backward derives from the forward (a gate, window weights, softened attention).
+
+    Computed at each backward, or, when the rule was told to ``keep`` it (several targets
+    pull back through one graph), once per graph and reused by the later backward passes.
+    """
+    kept = getattr(ctx, "kept", None)
+    if kept is None:
+        kept = compute()
+        if ctx.keep:
+            ctx.kept = kept
+    return kept
 
 
 class SoftElementwise(torch.autograd.Function):
@@ -113,14 +127,16 @@ class SoftElementwise(torch.autograd.Function):
         params: dict[str, Any],
         source: Source,
         inplace: bool,
+        keep: bool,
     ) -> Tensor:
         out = call(x)
         if inplace:
             ctx.mark_dirty(x)
-        ctx.gate, ctx.tau, ctx.params, ctx.source = gate, tau, params, source
+        ctx.gate, ctx.tau, ctx.params, ctx.source, ctx.keep = gate, tau, params, source, keep
         return out
 
     @staticmethod
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
-        grad = ctx.gate(ctx.source, ctx.tau, ctx.params, v)
-        return grad, None, None, None, None, None, None
+        factor = derived(ctx, lambda: ctx.gate(ctx.source, ctx.tau, ctx.params))
+        grad = factor * v if ctx.keep else factor.mul_(v)
+        return grad, None, None, None, None, None, None, None

@@ -76,7 +76,7 @@ class _Activation:
         def call(t: Tensor) -> Tensor:
             return func(t, *rest, **kwargs)
 
-        out = gates.SoftElementwise.apply(x, call, self.gate, tau, params, source, inplace)
+        out = gates.SoftElementwise.apply(x, call, self.gate, tau, params, source, inplace, mode.rules.keep_derived)
         if inplace:
             detach_recipe(x)
         return out
@@ -129,7 +129,9 @@ def _max_pool2d(mode: "SoftBackwardMode", func: Any, args: tuple, kwargs: dict) 
         _arg(args, kwargs, 4, "dilation", 1),
     )
     rest = args[1:]
-    return SoftMaxPool2d.apply(x, lambda t: func(t, *rest, **kwargs), geometry, tau, mode.rules.maxpool_padding)
+    return SoftMaxPool2d.apply(
+        x, lambda t: func(t, *rest, **kwargs), geometry, tau, mode.rules.maxpool_padding, mode.rules.keep_derived
+    )
 
 
 def _params(mode: "SoftBackwardMode", *params: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -194,7 +196,9 @@ def _sdpa(mode: "SoftBackwardMode", func: Any, args: tuple, kwargs: dict) -> Any
     is_causal = bool(_arg(args, kwargs, 5, "is_causal", False))
     scale = _arg(args, kwargs, 6, "scale")
     rest = args[3:]
-    return SoftSDPA.apply(q, k, v, lambda a, b, c: func(a, b, c, *rest, **kwargs), mask, is_causal, scale, tau)
+    return SoftSDPA.apply(
+        q, k, v, lambda a, b, c: func(a, b, c, *rest, **kwargs), mask, is_causal, scale, tau, mode.rules.keep_derived
+    )
 
 
 def _softmax(mode: "SoftBackwardMode", func: Any, args: tuple, kwargs: dict) -> Any:
@@ -213,7 +217,7 @@ def _matmul(mode: "SoftBackwardMode", func: Any, args: tuple, kwargs: dict) -> A
     mode.record("attention", tau)
     if tau is None or not needs_soft(attn, value):
         return func(*args, **kwargs)
-    return SoftAttentionValue.apply(attn, value, lambda a, b: func(a, b), tau)
+    return SoftAttentionValue.apply(attn, value, lambda a, b: func(a, b), tau, mode.rules.keep_derived)
 
 
 def _einsum(mode: "SoftBackwardMode", func: Any, args: tuple, kwargs: dict) -> Any:

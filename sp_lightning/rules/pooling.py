@@ -6,23 +6,21 @@ constant); overlapping windows add up. Padded positions are -inf, as in the
 true max-pool, so they receive no weight; ``padding_mode="zeros"`` reproduces
 the reference code, which pads the soft window with zeros.
 
-With -inf padding the backward is separable (see ``_separable_backward``):
-a depthwise convolution and its transpose. Otherwise (zero padding, ceil_mode,
-extreme dynamic range) the padded
-input is split once into its stride phases, so each kernel offset is a
-unit-stride slice (strided views run several times slower), and the pooled
-output, saved anyway by the next layer, is the softmax shift.
+With -inf padding the backward is separable (``_SeparableRouting``): a
+depthwise convolution and its transpose. Otherwise (zero padding, ceil_mode,
+extreme dynamic range) ``_PhaseRouting`` handles each window offset separately.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .gates import flush_tiny_
+from .gates import derived, flush_tiny_
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -43,85 +41,130 @@ def pool_geometry(kernel_size: Any, stride: Any, padding: Any, dilation: Any) ->
 #: subnormal weights it flushes to zero are below 1e-8 of their window's total.
 _DENOMINATOR_MARGIN = 1e8
 
+Geometry = tuple[tuple[int, int], ...]
 
-def _separable_backward(
-    x: Tensor, v: Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-    dilation: tuple[int, int], tau: float,
-) -> Tensor | None:
-    """Fast path: with one shift per (sample, channel), exp((x - M) / tau) does not depend on the window.
+
+def _shifted_weights(x: Tensor, peak: Tensor, tau: float) -> Tensor:
+    """exp((x - M) / tau) with no subnormals left."""
+    return torch.threshold_(torch.sub(x, peak).mul_(1.0 / tau).exp_(), torch.finfo(x.dtype).tiny, 0.0)
+
+
+@dataclass(eq=False)
+class _SeparableRouting:
+    """Fast path: with one shift M per (sample, channel), exp((x - M) / tau) does not depend on the window.
 
     The softmax denominators are then a sum over each window (a depthwise convolution with a
     kernel of ones, zero padding standing for the -inf padding), and routing v back is that
-    convolution's transpose. Returns None when the output size needs ceil_mode or when some
-    window lies so far below its channel's maximum that its denominator would underflow.
+    convolution's transpose, times the weights.
     """
-    channels = x.shape[1]
-    ones = torch.ones(channels, 1, *kernel, dtype=x.dtype, device=x.device)
-    extent = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
-    spare = [n + 2 * p - e - (o - 1) * s for n, p, e, o, s in zip(x.shape[-2:], padding, extent, v.shape[-2:], stride)]
-    if min(spare) < 0:  # ceil_mode: the last window hangs over the padded input
-        return None
-    peak = x.amax(dim=(-2, -1), keepdim=True)
-    smallest = torch.finfo(x.dtype).tiny
 
-    def weights(rows: slice) -> Tensor:
-        """exp((x - M) / tau) for some samples, with no subnormals left."""
-        return torch.threshold_(torch.sub(x[rows], peak[rows]).mul_(1.0 / tau).exp_(), smallest, 0.0)
+    x: Tensor
+    geometry: Geometry
+    tau: float
+    peak: Tensor
+    reciprocal: Tensor  # 1 / window sums, shaped like the output
+    spare: list[int]  # output padding of the transpose
+    weights: Tensor | None  # kept when several backward passes reuse them; else recomputed per sample
 
-    total = F.conv2d(weights(slice(None)), ones, None, stride, padding, dilation, channels)
-    if not bool((total > smallest * _DENOMINATOR_MARGIN).all()):
-        return None
-    routed = total.reciprocal_().mul_(v)
-    spread = F.conv_transpose2d(routed, ones, None, stride, padding, spare, channels, dilation)
-    # Recompute the weights one sample at a time rather than keep a second input-sized tensor alive.
-    for i in range(spread.shape[0]):
-        spread[i].mul_(weights(slice(i, i + 1))[0])
-    return spread
+    @classmethod
+    def build(cls, x: Tensor, out_size: torch.Size, geometry: Geometry, tau: float, keep: bool) -> "_SeparableRouting | None":
+        """None when the output size needs ceil_mode or some window's denominator would underflow."""
+        kernel, stride, padding, dilation = geometry
+        extent = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
+        spare = [n + 2 * p - e - (o - 1) * s for n, p, e, o, s in zip(x.shape[-2:], padding, extent, out_size, stride)]
+        if min(spare) < 0:  # ceil_mode: the last window hangs over the padded input
+            return None
+        peak = x.amax(dim=(-2, -1), keepdim=True)
+        weights = _shifted_weights(x, peak, tau)
+        total = F.conv2d(weights, _ones(x, kernel), None, stride, padding, dilation, x.shape[1])
+        if not bool((total > torch.finfo(x.dtype).tiny * _DENOMINATOR_MARGIN).all()):
+            return None
+        return cls(x, geometry, tau, peak, total.reciprocal_(), spare, weights if keep else None)
+
+    def route(self, v: Tensor) -> Tensor:
+        kernel, stride, padding, dilation = self.geometry
+        channels = self.x.shape[1]
+        spread = F.conv_transpose2d(
+            self.reciprocal * v, _ones(self.x, kernel), None, stride, padding, self.spare, channels, dilation
+        )
+        if self.weights is not None:
+            return spread.mul_(self.weights)
+        # Recompute the weights one sample at a time rather than keep a second input-sized tensor alive.
+        for i in range(spread.shape[0]):
+            spread[i].mul_(_shifted_weights(self.x[i], self.peak[i], self.tau))
+        return spread
 
 
-def soft_maxpool_backward(
-    x: Tensor,
-    out: Tensor,
-    v: Tensor,
-    geometry: tuple[tuple[int, int], ...],
-    tau: float,
-    padding_mode: str,
-) -> Tensor:
-    """Cotangent of the input: ``v`` routed through the soft windows of ``x`` (``out`` is the max-pool output)."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
+def _ones(x: Tensor, kernel: tuple[int, int]) -> Tensor:
+    """A depthwise kernel of ones: window sums."""
+    return torch.ones(x.shape[1], 1, *kernel, dtype=x.dtype, device=x.device)
+
+
+@dataclass(eq=False)
+class _PhaseRouting:
+    """General path (zero padding, ceil_mode, extreme dynamic range): softmax weights per window offset.
+
+    The padded input is split once into its stride phases, so each kernel offset is a
+    unit-stride slice (strided views run several times slower), and the pooled output,
+    saved anyway by the next layer, is the softmax shift.
+    """
+
+    taps: list[tuple[int, int, int, int]]  # (row phase, row offset, column phase, column offset)
+    plane_shapes: dict[tuple[int, int], torch.Size]
+    padded_shape: torch.Size
+    pads: tuple[int, int, int, int]
+    stride: tuple[int, int]
+    weights: list[Tensor]
+    total: Tensor
+
+    @classmethod
+    def build(cls, x: Tensor, out: Tensor, geometry: Geometry, tau: float, padding_mode: str) -> "_PhaseRouting":
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
+        oh, ow = out.shape[-2:]
+        h, w = x.shape[-2:]
+        # Pad so every output window lies inside; a negative right pad crops rows no window reaches.
+        need_h = (oh - 1) * sh + dh * (kh - 1) + 1
+        need_w = (ow - 1) * sw + dw * (kw - 1) + 1
+        pads = (pw, need_w - w - pw, ph, need_h - h - ph)
+        xp = F.pad(x, pads, value=float("-inf") if padding_mode == "neginf" else 0.0)
+        taps = [((i * dh) % sh, (i * dh) // sh, (j * dw) % sw, (j * dw) // sw) for i in range(kh) for j in range(kw)]
+        planes = {(a, c): xp[..., a::sh, c::sw].mul(1.0 / tau).contiguous() for a, _, c, _ in taps}
+        # The max of each window is the pooled output: a safe softmax shift (softmax is shift-invariant).
+        shift = (out if padding_mode == "neginf" else out.clamp_min(0.0)).mul(1.0 / tau)
+        weights = [
+            flush_tiny_(torch.sub(planes[(a, c)][..., r : r + oh, q : q + ow], shift).exp_()) for a, r, c, q in taps
+        ]
+        total = weights[0].clone()
+        for weight in weights[1:]:
+            total.add_(weight)
+        shapes = {key: plane.shape for key, plane in planes.items()}
+        return cls(taps, shapes, xp.shape, pads, (sh, sw), weights, total)
+
+    def route(self, v: Tensor) -> Tensor:
+        oh, ow = v.shape[-2:]
+        sh, sw = self.stride
+        routed = v / self.total
+        grads = {key: torch.zeros(shape, dtype=v.dtype, device=v.device) for key, shape in self.plane_shapes.items()}
+        for (a, r, c, q), weight in zip(self.taps, self.weights):
+            grads[(a, c)][..., r : r + oh, q : q + ow].addcmul_(weight, routed)
+        gp = torch.zeros(v.shape[:-2] + self.padded_shape[-2:], dtype=v.dtype, device=v.device)
+        for (a, c), grad in grads.items():
+            gp[..., a::sh, c::sw] = grad
+        return F.pad(gp, tuple(-p for p in self.pads))
+
+
+def soft_maxpool_routing(
+    x: Tensor, out: Tensor, geometry: Geometry, tau: float, padding_mode: str, keep: bool = False
+) -> _SeparableRouting | _PhaseRouting:
+    """How cotangents go back through the soft windows of ``x`` (``out`` is the max-pool output).
+
+    ``keep``: the routing will serve several backward passes, so hold the window weights.
+    """
     if padding_mode == "neginf":
-        fast = _separable_backward(x, v, (kh, kw), (sh, sw), (ph, pw), (dh, dw), tau)
+        fast = _SeparableRouting.build(x, out.shape[-2:], geometry, tau, keep)
         if fast is not None:
             return fast
-    oh, ow = v.shape[-2:]
-    h, w = x.shape[-2:]
-    # Pad so every output window lies inside; a negative right pad crops rows no window reaches.
-    need_h = (oh - 1) * sh + dh * (kh - 1) + 1
-    need_w = (ow - 1) * sw + dw * (kw - 1) + 1
-    pads = (pw, need_w - w - pw, ph, need_h - h - ph)
-    xp = F.pad(x, pads, value=float("-inf") if padding_mode == "neginf" else 0.0)
-
-    # Split the padded input into stride phases (contiguous, scaled by 1/tau): every window
-    # offset is then a unit-stride slice of one phase, which elementwise kernels vectorise.
-    taps = [((i * dh) % sh, (i * dh) // sh, (j * dw) % sw, (j * dw) // sw) for i in range(kh) for j in range(kw)]
-    phases = {(a, c) for a, _, c, _ in taps}
-    planes = {(a, c): xp[..., a::sh, c::sw].mul(1.0 / tau).contiguous() for a, c in phases}
-    # The max of each window is the pooled output: a safe softmax shift (softmax is shift-invariant).
-    shift = (out if padding_mode == "neginf" else out.clamp_min(0.0)).mul(1.0 / tau)
-    weights = [
-        flush_tiny_(torch.sub(planes[(a, c)][..., r : r + oh, q : q + ow], shift).exp_()) for a, r, c, q in taps
-    ]
-    total = weights[0].clone()
-    for weight in weights[1:]:
-        total.add_(weight)
-    routed = v / total
-    grads = {key: torch.zeros_like(plane, dtype=v.dtype) for key, plane in planes.items()}
-    for (a, r, c, q), weight in zip(taps, weights):
-        grads[(a, c)][..., r : r + oh, q : q + ow].addcmul_(weight, routed)
-    gp = torch.zeros(v.shape[:-2] + xp.shape[-2:], dtype=v.dtype, device=v.device)
-    for (a, c), grad in grads.items():
-        gp[..., a::sh, c::sw] = grad
-    return F.pad(gp, tuple(-p for p in pads))
+    return _PhaseRouting.build(x, out, geometry, tau, padding_mode)
 
 
 class SoftMaxPool2d(torch.autograd.Function):
@@ -132,21 +175,26 @@ class SoftMaxPool2d(torch.autograd.Function):
         ctx: Any,
         x: Tensor,
         call: Any,
-        geometry: tuple[tuple[int, int], ...],
+        geometry: Geometry,
         tau: float,
         padding_mode: str,
+        keep: bool,
     ) -> Any:
         out = call(x)
         ctx.save_for_backward(x, out[0] if isinstance(out, tuple) else out)
-        ctx.geometry, ctx.tau, ctx.padding_mode = geometry, tau, padding_mode
+        ctx.geometry, ctx.tau, ctx.padding_mode, ctx.keep = geometry, tau, padding_mode, keep
         if isinstance(out, tuple):
             ctx.mark_non_differentiable(out[1])
         return out
 
     @staticmethod
     def backward(ctx: Any, v: Tensor, *unused: Any) -> tuple[Tensor | None, ...]:
-        x, out = ctx.saved_tensors
-        squeeze = x.dim() == 3
-        xb, ob, vb = (x.unsqueeze(0), out.unsqueeze(0), v.unsqueeze(0)) if squeeze else (x, out, v)
-        grad = soft_maxpool_backward(xb, ob, vb, ctx.geometry, ctx.tau, ctx.padding_mode)
-        return (grad.squeeze(0) if squeeze else grad), None, None, None, None
+        squeeze = v.dim() == 3
+
+        def routing() -> _SeparableRouting | _PhaseRouting:
+            x, out = ctx.saved_tensors
+            xb, ob = (x.unsqueeze(0), out.unsqueeze(0)) if squeeze else (x, out)
+            return soft_maxpool_routing(xb, ob, ctx.geometry, ctx.tau, ctx.padding_mode, ctx.keep)
+
+        grad = derived(ctx, routing).route(v.unsqueeze(0) if squeeze else v)
+        return (grad.squeeze(0) if squeeze else grad), None, None, None, None, None
