@@ -64,7 +64,7 @@ class _SeparableRouting:
     peak: Tensor
     reciprocal: Tensor  # 1 / window sums, shaped like the output
     spare: list[int]  # output padding of the transpose
-    weights: Tensor | None  # kept when several backward passes reuse them; else recomputed per sample
+    weights: Tensor | None  # kept when several backward passes reuse the routing; else recomputed per sample
 
     @classmethod
     def build(cls, x: Tensor, out_size: torch.Size, geometry: Geometry, tau: float, keep: bool) -> "_SeparableRouting | None":
@@ -84,9 +84,9 @@ class _SeparableRouting:
     def route(self, v: Tensor) -> Tensor:
         kernel, stride, padding, dilation = self.geometry
         channels = self.x.shape[1]
-        spread = F.conv_transpose2d(
-            self.reciprocal * v, _ones(self.x, kernel), None, stride, padding, self.spare, channels, dilation
-        )
+        # Used once (no weights kept): scale v into the reciprocals' memory instead of a new tensor.
+        routed = self.reciprocal * v if self.weights is not None else self.reciprocal.mul_(v)
+        spread = F.conv_transpose2d(routed, _ones(self.x, kernel), None, stride, padding, self.spare, channels, dilation)
         if self.weights is not None:
             return spread.mul_(self.weights)
         # Recompute the weights one sample at a time rather than keep a second input-sized tensor alive.
