@@ -17,6 +17,14 @@ as a share of an epoch. On a shared machine whose wall times swing by several
 percent, the training thread's CPU-time ratio is the steadier figure: it leaves
 out time the machine gives to other programs, and the drawing thread's work, so
 it is the overhead whenever a core is spare (e.g. GPU training).
+
+Drift: on a shared machine the steady training step itself can run 15% slower in
+one run than in the next, with or without the callback. So each run's wall time
+is also counted in units of its own median training step (``wall / median step``):
+the callback's time (its logs, and slower steps while it draws) shows up as extra
+step-equivalents, while a machine-wide change of step speed cancels. Printed as
+the step-normalised ratio, next to the ratio of median step times (which would
+show a callback that slowed every step).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -100,6 +108,20 @@ class Data(pl.LightningDataModule):
         return DataLoader(self.val_set, BATCH)
 
 
+class StepClock(pl.Callback):
+    """Times every training step (from one ``on_train_batch_end`` to the next)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.stamps.append(time.perf_counter())
+
+    @property
+    def median_step(self) -> float:
+        return statistics.median(b - a for a, b in zip(self.stamps, self.stamps[1:]))
+
+
 class Seconds(Logger):
     """Keeps the callback's per-log ``seconds`` scalar."""
 
@@ -133,14 +155,24 @@ def calibrate(epoch_seconds: float) -> int:
     return max(4, round(epoch_seconds / per_batch))
 
 
-def run(with_callback: bool, batches: int, epochs: int, root: str) -> tuple[float, float, float, list[float]]:
-    """One fit: (wall seconds, process CPU seconds, training-thread CPU seconds, the callback's seconds per log)."""
+class Run(NamedTuple):
+    """What one fit measured."""
+
+    wall: float  # seconds of trainer.fit
+    cpu: float  # process CPU seconds
+    thread: float  # training-thread CPU seconds
+    step: float  # median training step, seconds
+    logs: list[float]  # the callback's seconds per log
+
+
+def run(with_callback: bool, batches: int, epochs: int, root: str) -> Run:
+    """One fit with or without the callback."""
     pl.seed_everything(0, verbose=False)
-    seconds = Seconds()
+    seconds, clock = Seconds(), StepClock()
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=epochs,
-        callbacks=[SemanticPullbackCallback()] if with_callback else [],
+        callbacks=[clock, SemanticPullbackCallback()] if with_callback else [clock],
         logger=[TensorBoardLogger(root), seconds],
         default_root_dir=root,
         enable_progress_bar=False,
@@ -153,7 +185,8 @@ def run(with_callback: bool, batches: int, epochs: int, root: str) -> tuple[floa
     model, data = SmallCNN(), Data(batches)
     wall, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
     trainer.fit(model, datamodule=data)
-    return time.perf_counter() - wall, time.process_time() - cpu, time.thread_time() - thread, seconds.values
+    return Run(time.perf_counter() - wall, time.process_time() - cpu, time.thread_time() - thread,
+               clock.median_step, seconds.values)
 
 
 def main() -> None:
@@ -171,31 +204,37 @@ def main() -> None:
     batches = calibrate(args.epoch_seconds)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {batches} batches of {BATCH} per epoch "
           f"(~{args.epoch_seconds:.0f} s), {args.epochs} epochs, {args.repeats} runs each way", flush=True)
-    walls: dict[bool, list[float]] = {False: [], True: []}
-    cpus: dict[bool, list[float]] = {False: [], True: []}
-    threads: dict[bool, list[float]] = {False: [], True: []}
-    per_log: list[float] = []
+    runs: dict[bool, list[Run]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as root:
         for repeat in range(args.repeats):
             for with_callback in (False, True):
-                wall, cpu, thread, logs = run(with_callback, batches, args.epochs, os.path.join(root, str(repeat)))
-                walls[with_callback].append(wall)
-                cpus[with_callback].append(cpu)
-                threads[with_callback].append(thread)
-                per_log.extend(logs)
+                result = run(with_callback, batches, args.epochs, os.path.join(root, str(repeat)))
+                runs[with_callback].append(result)
                 label = "with   " if with_callback else "without"
+                logs = result.logs
                 extra = f", {len(logs)} logs: " + ", ".join(f"{s:.2f}" for s in logs) + " s" if logs else ""
-                print(f"  run {repeat + 1} {label}: wall {wall:7.1f} s, cpu {cpu:7.1f} s, training thread {thread:7.1f} s{extra}",
-                      flush=True)
+                print(f"  run {repeat + 1} {label}: wall {result.wall:7.1f} s, cpu {result.cpu:7.1f} s, training thread "
+                      f"{result.thread:7.1f} s, median step {1000 * result.step:6.1f} ms{extra}", flush=True)
+
+    def total(with_callback: bool, field: str) -> float:
+        return sum(getattr(r, field) for r in runs[with_callback])
+
+    walls = {key: [r.wall for r in value] for key, value in runs.items()}
     pairs = [with_ / without for with_, without in zip(walls[True], walls[False])]
     epoch = min(walls[False]) / args.epochs
+    per_log = [s for r in runs[True] for s in r.logs]
     log = statistics.median(per_log) if per_log else math.nan
     print(f"callback seconds per log (training thread): median {log:.2f} s = {100 * log / epoch:.2f}% of a {epoch:.1f} s epoch")
-    print(f"CPU-time ratio with/without (totals; includes the drawing thread): {sum(cpus[True]) / sum(cpus[False]):.4f}")
+    print(f"CPU-time ratio with/without (totals; includes the drawing thread): {total(True, 'cpu') / total(False, 'cpu'):.4f}")
     # Time the machine gives to other programs is not counted here: the overhead whenever a core is spare.
-    print(f"training-thread CPU-time ratio with/without (totals): {sum(threads[True]) / sum(threads[False]):.4f}")
+    print(f"training-thread CPU-time ratio with/without (totals): {total(True, 'thread') / total(False, 'thread'):.4f}")
     print("wall ratio of each pair of runs: " + ", ".join(f"{r:.4f}" for r in pairs))
-    print(f"wall ratio of the totals: {sum(walls[True]) / sum(walls[False]):.4f}")
+    print(f"wall ratio of the totals: {total(True, 'wall') / total(False, 'wall'):.4f}")
+    steps = {key: statistics.median(r.step for r in value) for key, value in runs.items()}
+    normalised = {key: statistics.median(r.wall / r.step for r in value) for key, value in runs.items()}
+    print(f"median training step with/without: {steps[True] / steps[False]:.4f} (machine drift, or a callback slowing every step)")
+    print(f"step-normalised wall ratio with/without (wall / the run's median step; drift cancels): "
+          f"{normalised[True] / normalised[False]:.4f}")
     # Load from other programs only ever adds time, so the fastest run of each kind is the least disturbed.
     print(f"RATIO wall time with/without callback, fastest runs: {min(walls[True]) / min(walls[False]):.4f} (target <= 1.02)")
 
