@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import threading
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -122,8 +124,15 @@ def one_thread() -> Iterator[None]:
 
 
 def _drawing_thread_init() -> None:
-    """Initialiser of the background drawing thread: one intra-op thread (see :func:`one_thread`)."""
+    """Initialiser of the background drawing thread: one intra-op thread (see :func:`one_thread`).
+
+    On Linux the thread also takes the lowest CPU priority (a per-thread nice value), so when
+    training keeps every core busy the drawing fills the gaps instead of preempting training's
+    OpenMP threads, whose barriers stall whenever one of them is descheduled.
+    """
     torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 class SemanticPullbackCallback(Callback):
@@ -194,8 +203,8 @@ class SemanticPullbackCallback(Callback):
             ``"raise"`` stops training. The model is restored either way.
         background: draw the panels and write the images on a background thread, so
             training goes on meanwhile (explanations themselves always run on the training
-            thread, between steps). At most one log's images are pending; they are
-            finished before the next log and when training ends. A failure there is
+            thread, between steps) at the lowest CPU priority (Linux). At most one log's
+            images are pending; they are finished before the next log and when training ends. A failure there is
             reported (``on_error``) at the next log or at the end. ``False``: draw inline.
 
     Under DDP every rank explains (and scores) its share of the probe images and rank 0 writes.
