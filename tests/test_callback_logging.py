@@ -6,6 +6,7 @@ import csv
 import glob
 import math
 import os
+import sys
 import threading
 import warnings
 from typing import Any
@@ -158,15 +159,23 @@ def test_png_fallback_with_one_warning_and_scalars_in_other_loggers(tmp_path) ->
     assert logged == [0, 4, 8]
 
 
+def thread_priority() -> int | None:
+    """The calling thread's nice value (per thread on Linux; None elsewhere, where the callback leaves it)."""
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) if sys.platform.startswith("linux") else None
+
+
 def test_images_are_drawn_off_the_training_thread_and_match_inline_drawing(tmp_path) -> None:
     on_main: dict[bool, set[bool]] = {}
+    priorities: dict[bool, set[int]] = {}
     written: dict[bool, list[tuple[int, dict[str, torch.Tensor]]]] = {}
+    training_priority = thread_priority()
     for background in (True, False):
         callback = SemanticPullbackCallback(num_images=2, background=background)
         write = callback._write
 
         def recording(trainer: pl.Trainer, step: int, panels: dict, background: bool = background, write=write) -> None:
             on_main.setdefault(background, set()).add(threading.current_thread() is threading.main_thread())
+            priorities.setdefault(background, set()).add(thread_priority())
             written.setdefault(background, []).append((step, panels))
             write(trainer, step, panels)
 
@@ -175,6 +184,9 @@ def test_images_are_drawn_off_the_training_thread_and_match_inline_drawing(tmp_p
         fit(callback, tmp_path / str(background), max_epochs=2)
         assert callback._pending is None and callback._drawing is None  # finished and stopped when training ended
     assert on_main == {True: {False}, False: {True}}
+    # The drawing thread yields to training (lowest priority); the training thread keeps its own.
+    lowest = 19 if sys.platform.startswith("linux") else None
+    assert priorities == {True: {lowest}, False: {training_priority}} and thread_priority() == training_priority
     assert [step for step, _ in written[True]] == [step for step, _ in written[False]] == [0, 4, 8]
     for (_, drawn), (_, inline) in zip(written[True], written[False]):
         assert drawn.keys() == inline.keys() and all(torch.equal(drawn[k], inline[k]) for k in drawn)
