@@ -201,11 +201,12 @@ class SemanticPullbackCallback(Callback):
             logger's log directory, else the trainer's ``default_root_dir``).
         on_error: ``"warn"`` reports a failed explanation and lets training continue;
             ``"raise"`` stops training. The model is restored either way.
-        background: draw the panels and write the images on a background thread, so
-            training goes on meanwhile (explanations themselves always run on the training
-            thread, between steps) at the lowest CPU priority (Linux). At most one log's
-            images are pending; they are finished before the next log and when training ends. A failure there is
-            reported (``on_error``) at the next log or at the end. ``False``: draw inline.
+        background: draw the panels and write the images on a background thread (at the
+            lowest CPU priority on Linux), so training goes on meanwhile; explanations
+            themselves always run on the training thread, between steps. At most one log's
+            images are pending; they are finished before the next log and when training
+            ends. A failure there is reported (``on_error``) at the next log or at the end.
+            ``False``: draw inline.
 
     Under DDP every rank explains (and scores) its share of the probe images and rank 0 writes.
     FSDP, DeepSpeed and ModelParallel strategies shard parameters and are refused at fit start.
