@@ -605,8 +605,9 @@ class SemanticPullbackCallback(Callback):
                 )
                 # The ascent's first step is the Soft Pullback toward its targets, already computed
                 # when they lead the SP targets (always with labels; with top_k >= 2 without).
-                shared = targets.shape[1] >= cf_targets.shape[1] and torch.equal(targets[:, :2], cf_targets)
-                counterfactuals = ascent.ascend(images, cf_targets, first=raw[:, :2] if shared else None).counterfactual
+                count = cf_targets.shape[1]
+                first = raw[:, :count] if torch.equal(targets[:, :count], cf_targets) else None
+                counterfactuals = ascent.ascend(images, cf_targets, first=first).counterfactual
                 moved = self._logits(model, counterfactuals.flatten(0, 1)).float().unflatten(0, cf_targets.shape)
                 picked = moved.gather(2, cf_targets[..., None]).squeeze(2)
                 result.counterfactual_targets = cf_targets

@@ -131,7 +131,8 @@ class PullbackAscent(Explainer):
         x = start
         for step in range(self.steps):
             if step == 0:  # the first pullback is shared by all T targets of an input
-                grad = (self.pullback(inputs, targets) if first is None else first).reshape(batch * count, *sample_shape)
+                grad = self.pullback(inputs, targets) if first is None else first
+                grad = grad.reshape(batch * count, *sample_shape)
             else:
                 grad = self.pullback(x, flat_targets)[:, 0]
             norm = grad.flatten(1).norm(dim=1).clamp_min(1e-20).view(-1, *([1] * len(sample_shape)))

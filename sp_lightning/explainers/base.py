@@ -121,7 +121,7 @@ class Explainer:
 
     def logits(self, inputs: Tensor, rules: SoftRules | None = None) -> Tensor:
         """Forward with this explainer's rules (or ``rules``); returns (B, C) logits."""
-        rules = rules or self.rules
+        rules = self.rules if rules is None else rules
         with soft_backward(self.model, rules) if rules.any_active else nullcontext():
             output = self.model(inputs)
         logits = self.logits_fn(output)

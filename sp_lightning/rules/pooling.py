@@ -49,6 +49,11 @@ def _shifted_weights(x: Tensor, peak: Tensor, tau: float) -> Tensor:
     return torch.threshold_(torch.sub(x, peak).mul_(1.0 / tau).exp_(), torch.finfo(x.dtype).tiny, 0.0)
 
 
+def _ones(x: Tensor, kernel: tuple[int, int]) -> Tensor:
+    """A depthwise kernel of ones: window sums."""
+    return torch.ones(x.shape[1], 1, *kernel, dtype=x.dtype, device=x.device)
+
+
 @dataclass(eq=False)
 class _SeparableRouting:
     """Fast path: with one shift M per (sample, channel), exp((x - M) / tau) does not depend on the window.
@@ -67,7 +72,9 @@ class _SeparableRouting:
     weights: Tensor | None  # kept when several backward passes reuse the routing; else recomputed per sample
 
     @classmethod
-    def build(cls, x: Tensor, out_size: torch.Size, geometry: Geometry, tau: float, keep: bool) -> "_SeparableRouting | None":
+    def build(
+        cls, x: Tensor, out_size: torch.Size, geometry: Geometry, tau: float, keep: bool
+    ) -> "_SeparableRouting | None":
         """None when the output size needs ceil_mode or some window's denominator would underflow."""
         kernel, stride, padding, dilation = geometry
         extent = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
@@ -86,18 +93,14 @@ class _SeparableRouting:
         channels = self.x.shape[1]
         # Used once (no weights kept): scale v into the reciprocals' memory instead of a new tensor.
         routed = self.reciprocal * v if self.weights is not None else self.reciprocal.mul_(v)
-        spread = F.conv_transpose2d(routed, _ones(self.x, kernel), None, stride, padding, self.spare, channels, dilation)
+        ones = _ones(self.x, kernel)
+        spread = F.conv_transpose2d(routed, ones, None, stride, padding, self.spare, channels, dilation)
         if self.weights is not None:
             return spread.mul_(self.weights)
         # Recompute the weights one sample at a time rather than keep a second input-sized tensor alive.
         for i in range(spread.shape[0]):
             spread[i].mul_(_shifted_weights(self.x[i], self.peak[i], self.tau))
         return spread
-
-
-def _ones(x: Tensor, kernel: tuple[int, int]) -> Tensor:
-    """A depthwise kernel of ones: window sums."""
-    return torch.ones(x.shape[1], 1, *kernel, dtype=x.dtype, device=x.device)
 
 
 @dataclass(eq=False)
@@ -154,7 +157,7 @@ class _PhaseRouting:
 
 
 def soft_maxpool_routing(
-    x: Tensor, out: Tensor, geometry: Geometry, tau: float, padding_mode: str, keep: bool = False
+    x: Tensor, out: Tensor, geometry: Geometry, tau: float, padding_mode: str, keep: bool
 ) -> _SeparableRouting | _PhaseRouting:
     """How cotangents go back through the soft windows of ``x`` (``out`` is the max-pool output).
 
