@@ -18,6 +18,7 @@ from __future__ import annotations
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from .data import ImageDataModule, ShapesDataModule
+from .distributed import releasing_process_group
 from .models import ImageClassifier
 
 
@@ -52,8 +53,9 @@ def run_cli(args: ArgsType = None, run: bool = True) -> SPLightningCLI:
 
 
 def main() -> None:
-    """Entry point of the ``sp-lightning`` console command."""
-    run_cli()
+    """Entry point of the ``sp-lightning`` console command; releases the process group DDP started."""
+    with releasing_process_group():
+        run_cli()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from callback_support import BlobData, TinyClassifier  # noqa: E402
 
 from sp_lightning import SemanticPullbackCallback, SoftPullback  # noqa: E402
+from sp_lightning.distributed import releasing_process_group  # noqa: E402
 from sp_lightning.metrics import FaithfulnessCorrelation  # noqa: E402
 
 FAIL_STEP = 2
@@ -98,4 +99,5 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    with releasing_process_group():
+        main(sys.argv[1])

@@ -15,6 +15,7 @@ from _metrics_support import batch, tiny_cnn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sp_lightning import SoftPullback
+from sp_lightning.distributed import releasing_process_group
 from sp_lightning.metrics import FaithfulnessCorrelation, RandomLogit
 
 SAMPLES = 8
@@ -60,4 +61,5 @@ if __name__ == "__main__":
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer.validate(Validated(sys.argv[1]), DataLoader(dataset(), batch_size=2), verbose=False)
+    with releasing_process_group():
+        trainer.validate(Validated(sys.argv[1]), DataLoader(dataset(), batch_size=2), verbose=False)

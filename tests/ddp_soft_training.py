@@ -19,6 +19,7 @@ from _soft_training_models import SmallCNN, cnn_data, trainer
 from torch.utils.data import DataLoader, DistributedSampler
 
 from sp_lightning import SoftBackwardTraining
+from sp_lightning.distributed import releasing_process_group
 
 #: Shared with the test: same seed, schedule, steps and global batch as the single-process reference.
 SEED, STEPS, GLOBAL_BATCH = 0, 3, 8
@@ -49,7 +50,8 @@ def run(strategy: str, devices: int, soft: bool = True) -> tuple[SmallCNN, pl.Tr
 
 if __name__ == "__main__":
     out, strategy, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    model, t = run(strategy, devices)
+    with releasing_process_group():
+        model, t = run(strategy, devices)
     if t.global_rank == 0:
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         torch.save({"state": state, "taus": model.step_taus, "world_size": t.world_size}, out)

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
+from sp_lightning.distributed import releasing_process_group
+
 
 def main(args: list[str] | None = None) -> LightningCLI:
-    """Parse ``args`` (default: the command line) and run the subcommand."""
-    return LightningCLI(subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True}, args=args)
+    """Parse ``args`` (default: the command line), run the subcommand, release the process group."""
+    with releasing_process_group():
+        return LightningCLI(
+            subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True}, args=args
+        )
 
 
 if __name__ == "__main__":
