@@ -104,7 +104,11 @@ def main() -> None:
                         help="'cpu' (process CPU time) is robust on a shared machine when --threads 1")
     parser.add_argument("--models", nargs="+", help="override the model list")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--compile", choices=["always", "auto", "never"], default="always",
+                        help="SP_LIGHTNING_COMPILE for the soft rules' kernels (always: the steady state that "
+                             "auto reaches once eager work would have paid for compiling)")
     args = parser.parse_args()
+    os.environ["SP_LIGHTNING_COMPILE"] = args.compile  # read at each backward; child processes inherit it
     if args.child:
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -117,7 +121,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
-          f"batch {batch} at {size}x{size}, median of {repeats}")
+          f"batch {batch} at {size}x{size}, median of {repeats}, SP_LIGHTNING_COMPILE={args.compile}")
     print(f"{'model':<10} {'grad s':>8} {'SP s':>8} {'time x':>7} {'grad MiB':>9} {'SP MiB':>8} {'mem x':>6} "
           f"{'RSS x':>6} {'4 calls s':>9} {'1 call s':>8} {'T=4 x':>6}")
     for name in models:

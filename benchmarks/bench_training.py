@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -116,14 +117,19 @@ def main() -> None:
     parser.add_argument("--breakdown", nargs="*", default=[], metavar="RULE",
                         help="also time the soft step with only RULE on (one variant per rule)")
     parser.add_argument("--profile", action="store_true", help="also print the top ops of each variant")
+    parser.add_argument("--compile", choices=["always", "auto", "never"], default="always",
+                        help="SP_LIGHTNING_COMPILE for the soft rules' kernels (always: the steady state that "
+                             "auto reaches once eager work would have paid for compiling)")
     args = parser.parse_args()
+    os.environ["SP_LIGHTNING_COMPILE"] = args.compile  # read at each backward; child processes inherit it
     if args.quick:
         args.batch, args.size, args.repeats = 4, 64, 2
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
-        f"batch {args.batch} at {args.size}x{args.size}, median of {args.repeats}"
+        f"batch {args.batch} at {args.size}x{args.size}, median of {args.repeats}, "
+        f"SP_LIGHTNING_COMPILE={args.compile}"
     )
     variants: dict[str, SoftRules | None] = {"standard": None, "soft": SoftRules.create()}
     variants.update({f"only {rule}": only(rule) for rule in args.breakdown})

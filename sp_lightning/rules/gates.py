@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .kernels import fused_phi
 from .sources import Source
 
 #: gate(source, tau, params) -> the surrogate derivative, a fresh tensor shaped like x.
@@ -40,7 +41,11 @@ def _phi_(z: Tensor) -> Tensor:
 
 
 def relu_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
-    """Phi(x / tau): ReLU and GELU. The constants fold into the one pass that recomputes x."""
+    """Phi(x / tau): ReLU and GELU. One compiled kernel on large inputs (see ``kernels``); eagerly,
+    the constants fold into the one pass that recomputes x."""
+    fused = fused_phi(src, tau)
+    if fused is not None:
+        return fused
     u = src.scaled(-_INV_SQRT_2 / tau)
     return flush_tiny_(u.erfc_()).mul_(0.5)
 

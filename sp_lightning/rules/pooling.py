@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .gates import derived, flush_tiny_
+from .kernels import CompiledKernel
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -44,14 +45,34 @@ _DENOMINATOR_MARGIN = 1e8
 Geometry = tuple[tuple[int, int], ...]
 
 
+def _shifted_weights_body(x: Tensor, peak: Tensor, k: Tensor) -> Tensor:
+    """exp((x - M) * k) with no subnormals left: the traced body of the compiled kernel."""
+    weights = torch.exp((x - peak) * k)
+    return torch.where(weights < torch.finfo(x.dtype).tiny, 0.0, weights)
+
+
+_SHIFTED_WEIGHTS = CompiledKernel(_shifted_weights_body)
+
+
 def _shifted_weights(x: Tensor, peak: Tensor, tau: float) -> Tensor:
-    """exp((x - M) / tau) with no subnormals left."""
+    """exp((x - M) / tau) with no subnormals left; one compiled kernel on large inputs."""
+    if _SHIFTED_WEIGHTS.wanted(x):
+        fused = _SHIFTED_WEIGHTS(x, peak, torch.full((), 1.0 / tau, dtype=x.dtype, device=x.device))
+        if fused is not None:
+            return fused
     return torch.threshold_(torch.sub(x, peak).mul_(1.0 / tau).exp_(), torch.finfo(x.dtype).tiny, 0.0)
 
 
 def _ones(x: Tensor, kernel: tuple[int, int]) -> Tensor:
     """A depthwise kernel of ones: window sums."""
     return torch.ones(x.shape[1], 1, *kernel, dtype=x.dtype, device=x.device)
+
+
+def _tiles(x: Tensor, geometry: Geometry) -> bool:
+    """Whether the windows tile ``x`` exactly (kernel = stride, no padding or dilation), as in VGG."""
+    kernel, stride, padding, dilation = geometry
+    whole = x.shape[-2] % kernel[0] == 0 and x.shape[-1] % kernel[1] == 0
+    return stride == kernel and padding == (0, 0) and dilation == (1, 1) and whole
 
 
 @dataclass(eq=False)
@@ -83,18 +104,32 @@ class _SeparableRouting:
             return None
         peak = x.amax(dim=(-2, -1), keepdim=True)
         weights = _shifted_weights(x, peak, tau)
-        total = F.conv2d(weights, _ones(x, kernel), None, stride, padding, dilation, x.shape[1])
+        if _tiles(x, geometry):
+            total = F.avg_pool2d(weights, kernel, stride, divisor_override=1)
+        else:
+            total = F.conv2d(weights, _ones(x, kernel), None, stride, padding, dilation, x.shape[1])
         if not bool((total > torch.finfo(x.dtype).tiny * _DENOMINATOR_MARGIN).all()):
             return None
         return cls(x, geometry, tau, peak, total.reciprocal_(), spare, weights if keep else None)
 
-    def route(self, v: Tensor) -> Tensor:
+    def _spread(self, routed: Tensor) -> Tensor:
+        """Each window's value added to all its positions: the transpose of the window sum.
+
+        The transposed depthwise convolution is general; for the usual geometries the pooling
+        kernels that compute the same sums are several times faster on CPU.
+        """
         kernel, stride, padding, dilation = self.geometry
-        channels = self.x.shape[1]
+        if _tiles(self.x, self.geometry):
+            return F.interpolate(routed, size=self.x.shape[-2:], mode="nearest")
+        if dilation == (1, 1):
+            return torch.ops.aten.avg_pool2d_backward(routed, self.x, kernel, stride, padding, False, True, 1)
+        ones = _ones(self.x, kernel)
+        return F.conv_transpose2d(routed, ones, None, stride, padding, self.spare, self.x.shape[1], dilation)
+
+    def route(self, v: Tensor) -> Tensor:
         # Used once (no weights kept): scale v into the reciprocals' memory instead of a new tensor.
         routed = self.reciprocal * v if self.weights is not None else self.reciprocal.mul_(v)
-        ones = _ones(self.x, kernel)
-        spread = F.conv_transpose2d(routed, ones, None, stride, padding, self.spare, channels, dilation)
+        spread = self._spread(routed)
         if self.weights is not None:
             return spread.mul_(self.weights)
         # Recompute the weights one sample at a time rather than keep a second input-sized tensor alive.

@@ -21,6 +21,10 @@ from torch import Tensor
 
 _ATTR = "_sp_source"
 
+#: One summand of a recomputed input: ``(tensor, scale, shift)``; scale and shift are both ``None``
+#: (the tensor itself) or both per-channel tensors.
+Term = tuple[Tensor, Tensor | None, Tensor | None]
+
 
 def _check_version(t: Tensor, version: int) -> None:
     if t._version != version:
@@ -41,6 +45,10 @@ class Source(ABC):
     def value(self) -> Tensor:
         """Return ``x`` (may alias a saved tensor: do not modify it)."""
 
+    @abstractmethod
+    def terms(self) -> tuple[Term, ...]:
+        """``x`` as a sum of ``tensor * scale + shift`` terms (scale, shift ``None``: the tensor itself)."""
+
 
 @dataclass(eq=False)
 class Stored(Source):
@@ -60,6 +68,9 @@ class Stored(Source):
     def scaled(self, factor: float) -> Tensor:
         return self.value() * factor
 
+    def terms(self) -> tuple[Term, ...]:
+        return ((self.value(), None, None),)
+
 
 @dataclass(eq=False)
 class Affine(Source):
@@ -77,6 +88,10 @@ class Affine(Source):
         _check_version(self.src, self.version)
         return torch.addcmul(self.shift * factor, self.src, self.scale * factor)
 
+    def terms(self) -> tuple[Term, ...]:
+        _check_version(self.src, self.version)
+        return ((self.src, self.scale, self.shift),)
+
 
 @dataclass(eq=False)
 class Sum(Source):
@@ -90,6 +105,9 @@ class Sum(Source):
 
     def scaled(self, factor: float) -> Tensor:
         return self.a.scaled(factor).add_(self.b.scaled(factor))
+
+    def terms(self) -> tuple[Term, ...]:
+        return self.a.terms() + self.b.terms()
 
 
 def attach(t: Tensor, source: Source) -> None:

@@ -1,0 +1,156 @@
+"""Compiled soft-rule kernels: used on large activations, same results as the eager code, clean fallback."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from sp_lightning import SoftPullback
+from sp_lightning.rules import kernels, pooling
+from sp_lightning.rules.kernels import CompiledKernel
+
+
+class Block(nn.Module):
+    """Every compiled kernel's use: ReLU after an eval BatchNorm (affine recipe), ReLU of BatchNorm +
+    residual (sum recipe), GELU of a stored input, a 3x3/2 max-pool (separable routing) and a 2x2 one
+    (windows tiling the input). Each activation has at least ``MIN_FUSED_NUMEL`` elements at batch 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.pool1 = nn.MaxPool2d(3, 2, 1)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.pool2 = nn.MaxPool2d(2)
+        self.head = nn.Linear(16 * 16 * 16, 5)
+        for bn in (self.bn1, self.bn2):  # non-trivial running statistics
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.pool1(torch.relu(self.bn1(self.conv1(x))))
+        h = torch.relu(self.bn2(self.conv2(h)) + h)
+        h = self.pool2(nn.functional.gelu(h * 1.5))
+        return self.head(h.flatten(1))
+
+
+@pytest.fixture(autouse=True)
+def compile_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compile on first use (the default waits until eager work would have paid for compiling)."""
+    monkeypatch.setenv("SP_LIGHTNING_COMPILE", "always")
+
+
+@pytest.fixture
+def inputs() -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(4, 3, 64, 64, generator=gen), torch.tensor([0, 1, 2, 3])
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Counts compiled-kernel calls by kernel name, and for the gate the recipe shape of x."""
+    seen: Counter[str] = Counter()
+    original = CompiledKernel.__call__
+
+    def spy(self: CompiledKernel, *args: Any) -> Tensor | None:
+        seen[self.fn.__name__] += 1
+        if self.fn is kernels._phi_of_terms:
+            seen["terms " + "+".join("stored" if scale is None else "affine" for _, scale, _ in args[0])] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(CompiledKernel, "__call__", spy)
+    return seen
+
+
+def eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on every input is below the size that uses a compiled kernel."""
+    monkeypatch.setattr(kernels, "MIN_FUSED_NUMEL", 2**62)
+
+
+def test_large_activations_use_the_compiled_kernels_and_match_the_eager_code(
+    inputs: tuple[Tensor, Tensor], calls: Counter[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = Block()
+    compiled = SoftPullback(model).attribute(*inputs)
+    assert calls["terms affine"] == 1  # ReLU after an eval BatchNorm
+    assert calls["terms affine+stored"] == 1  # ReLU of BatchNorm + residual
+    assert calls["terms stored"] == 1  # GELU
+    assert calls["_shifted_weights_body"] >= 2  # the separable max-pool's weights (build, then per sample)
+    eager(monkeypatch)
+    calls.clear()
+    reference = SoftPullback(model).attribute(*inputs)
+    assert not calls
+    torch.testing.assert_close(compiled, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
+
+
+def test_several_targets_match_separate_calls_on_the_compiled_path(
+    inputs: tuple[Tensor, Tensor], calls: Counter[str]
+) -> None:
+    model, (x, _) = Block(), inputs
+    targets = torch.tensor([[0, 3], [1, 4], [2, 0], [3, 1]])
+    together = SoftPullback(model).attribute(x, targets)
+    assert calls["_phi_of_terms"] == 3  # each gate derived once for both targets
+    for t in range(2):
+        alone = SoftPullback(model).attribute(x, targets[:, t])
+        torch.testing.assert_close(together[:, t], alone, rtol=1e-5, atol=1e-7 * float(alone.abs().max()))
+
+
+def test_no_compiled_kernel_while_a_higher_order_graph_is_recorded(
+    inputs: tuple[Tensor, Tensor], calls: Counter[str]
+) -> None:
+    from sp_lightning import soft_backward
+
+    model, (x, y) = Block(), inputs
+    x = x.clone().requires_grad_(True)
+    with soft_backward(model):
+        logits = model(x)
+    (grad,) = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), x, create_graph=True)
+    assert grad.requires_grad
+    assert not calls
+
+
+def test_a_failing_compiler_warns_once_and_falls_back_to_the_eager_code(
+    inputs: tuple[Tensor, Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = Block()
+
+    def broken_compile(fn: Any, **options: Any) -> Any:
+        def run(*args: Any) -> Tensor:
+            raise RuntimeError("no C++ compiler found")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(kernels, "_PHI", CompiledKernel(kernels._phi_of_terms))
+    monkeypatch.setattr(pooling, "_SHIFTED_WEIGHTS", CompiledKernel(pooling._shifted_weights_body))
+    with pytest.warns(RuntimeWarning, match=r"failed \(RuntimeError: no C\+\+ compiler found\)") as record:
+        fallen_back = SoftPullback(model).attribute(*inputs)
+    failed = sorted(str(w.message).split("kernel ")[1].split()[0] for w in record)
+    assert failed == ["_phi_of_terms", "_shifted_weights_body"]  # one warning per kernel
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = SoftPullback(model).attribute(*inputs)
+    assert torch.equal(again, fallen_back)
+    eager(monkeypatch)
+    assert torch.equal(SoftPullback(model).attribute(*inputs), fallen_back)
+
+
+def test_auto_compiles_once_eager_work_would_have_paid_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "COMPILE_AFTER_ELEMENTS", 3 * 2**20)
+    kernel, x = CompiledKernel(kernels._phi_of_terms), torch.ones(2**20)
+    with torch.no_grad():
+        monkeypatch.setenv("SP_LIGHTNING_COMPILE", "never")
+        assert not kernel.wanted(x)
+        monkeypatch.setenv("SP_LIGHTNING_COMPILE", "auto")
+        assert [kernel.wanted(x) for _ in range(4)] == [False, False, False, True]
+        assert not kernel.wanted(torch.ones(kernels.MIN_FUSED_NUMEL - 1))  # small inputs stay eager
+    assert not kernel.wanted(x)  # grad mode on: a higher-order graph may be recorded
+    monkeypatch.setenv("SP_LIGHTNING_COMPILE", "sometimes")
+    with pytest.raises(ValueError, match=r"SP_LIGHTNING_COMPILE='sometimes'.*\['always', 'auto', 'never'\]"):
+        kernel.wanted(x)
