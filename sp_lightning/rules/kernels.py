@@ -87,8 +87,16 @@ class CompiledKernel:
             return False
         return True
 
+    def maybe(self, x: Tensor, *args: object, scalar: float) -> Tensor | None:
+        """``fn(*args, scalar)`` compiled when :meth:`wanted` says so for input ``x``; ``None`` means
+        the caller runs its eager code. The scalar goes in as a 0-dim tensor: a Python float would be
+        specialised, and every new temperature would recompile."""
+        if not self.wanted(x):
+            return None
+        return self(*args, torch.full((), scalar, dtype=x.dtype, device=x.device))
+
     def __call__(self, *args: object) -> Tensor | None:
-        """The compiled result (callers ask :meth:`wanted` first), or ``None`` when compiling failed."""
+        """The compiled result, or ``None`` when compiling failed."""
         if self.compiled is None:
             self.compiled = torch.compile(self.fn, dynamic=self.dynamic)
         try:
@@ -111,8 +119,4 @@ _PHI = CompiledKernel(_phi_of_terms)
 def fused_phi(source: Source, tau: float) -> Tensor | None:
     """Phi(x / tau) from one compiled kernel, or ``None`` when this input should use the eager gate."""
     terms = source.terms()
-    x = terms[0][0]
-    if not _PHI.wanted(x):
-        return None
-    k = torch.full((), _SQRT_HALF / tau, dtype=x.dtype, device=x.device)
-    return _PHI(terms, k)
+    return _PHI.maybe(terms[0][0], terms, scalar=_SQRT_HALF / tau)

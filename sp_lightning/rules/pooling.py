@@ -56,10 +56,9 @@ _SHIFTED_WEIGHTS = CompiledKernel(_shifted_weights_body)
 
 def _shifted_weights(x: Tensor, peak: Tensor, tau: float) -> Tensor:
     """exp((x - M) / tau) with no subnormals left; one compiled kernel on large inputs."""
-    if _SHIFTED_WEIGHTS.wanted(x):
-        fused = _SHIFTED_WEIGHTS(x, peak, torch.full((), 1.0 / tau, dtype=x.dtype, device=x.device))
-        if fused is not None:
-            return fused
+    fused = _SHIFTED_WEIGHTS.maybe(x, x, peak, scalar=1.0 / tau)
+    if fused is not None:
+        return fused
     return torch.threshold_(torch.sub(x, peak).mul_(1.0 / tau).exp_(), torch.finfo(x.dtype).tiny, 0.0)
 
 
