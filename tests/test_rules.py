@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sp_lightning import SoftRules, UncoveredGatedOpWarning, coverage_report, soft_backward
 from sp_lightning.rules.gates import TINY
@@ -82,6 +84,31 @@ def test_relu_rule_is_v_times_phi(form: str, x: Tensor, v: Tensor) -> None:
     assert torch.equal(out, F.relu(x))
     # exact up to the flushed tail: gate values <= TINY are set to 0 (no subnormal floats)
     torch.testing.assert_close(g, v * phi(x / 0.6), rtol=1e-12, atol=TINY * v.abs().max())
+
+
+class CopyCounter(TorchDispatchMode):
+    """Counts the kernels that copy a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.copies += func.overloadpacket.__name__ in ("clone", "copy_")
+        return func(*args, **(kwargs or {}))
+
+
+def test_inplace_relu_without_recipe_derives_its_gate_in_the_forward_instead_of_copying(x: Tensor, v: Tensor) -> None:
+    """x is about to be overwritten: the rule keeps its gate (same memory as a copy of x, one pass fewer)."""
+    leaf = x.clone().requires_grad_(True)
+    model = Lambda(lambda t: F.relu(t * 1, inplace=True))
+    with soft_backward(model, {"relu": 0.6}), CopyCounter() as counter:
+        out = model(leaf)
+    assert counter.copies == 0
+    first = torch.autograd.grad(out, leaf, v, retain_graph=True)[0]
+    second = torch.autograd.grad(out, leaf, v)[0]  # the kept gate was not overwritten by the first
+    torch.testing.assert_close(first, v * phi(x / 0.6), rtol=1e-12, atol=TINY * v.abs().max())
+    assert torch.equal(first, second)
 
 
 def test_inplace_relu_keeps_inplace_semantics(x: Tensor) -> None:

@@ -120,7 +120,12 @@ def derived(ctx: Any, compute: Callable[[], Any]) -> Any:
 
 
 class SoftElementwise(torch.autograd.Function):
-    """Forward: the original activation (bit-identical). Backward: ``v * gate(x)``."""
+    """Forward: the original activation (bit-identical). Backward: ``v * gate(x)``.
+
+    ``early``: the op overwrites x in place and x has no recipe, so the gate is derived in the
+    forward, before x is lost. That costs the same memory as keeping a copy of x for the backward,
+    and one pass over x fewer.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -133,15 +138,19 @@ class SoftElementwise(torch.autograd.Function):
         source: Source,
         inplace: bool,
         keep: bool,
+        early: bool,
     ) -> Tensor:
+        if early:
+            ctx.kept, source = gate(source, tau, params), None
         out = call(x)
         if inplace:
             ctx.mark_dirty(x)
-        ctx.gate, ctx.tau, ctx.params, ctx.source, ctx.keep = gate, tau, params, source, keep
+        ctx.gate, ctx.tau, ctx.params, ctx.source = gate, tau, params, source
+        ctx.keep, ctx.single_use = keep, not (keep or early)
         return out
 
     @staticmethod
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
         factor = derived(ctx, lambda: ctx.gate(ctx.source, ctx.tau, ctx.params))
-        grad = factor * v if ctx.keep else factor.mul_(v)
-        return grad, None, None, None, None, None, None, None
+        grad = factor.mul_(v) if ctx.single_use else factor * v
+        return grad, None, None, None, None, None, None, None, None

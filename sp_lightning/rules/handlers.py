@@ -70,13 +70,15 @@ class _Activation:
         values = {name: _arg(args, kwargs, i + 1, name) for i, name in enumerate(self.params)}
         params = {k: v for k, v in values.items() if v is not None} | self.fixed
         inplace = self.inplace if self.inplace is not None else bool(_arg(args, kwargs, len(self.params) + 1, "inplace"))
-        source = source_for(x, inplace=inplace)
+        source = source_for(x)
+        early = inplace and isinstance(source, Stored)  # x will be overwritten: derive the gate now
         rest = args[1:]
 
         def call(t: Tensor) -> Tensor:
             return func(t, *rest, **kwargs)
 
-        out = gates.SoftElementwise.apply(x, call, self.gate, tau, params, source, inplace, mode.rules.keep_derived)
+        keep = mode.rules.keep_derived
+        out = gates.SoftElementwise.apply(x, call, self.gate, tau, params, source, inplace, keep, early)
         if inplace:
             detach_recipe(x)
         return out

@@ -129,9 +129,7 @@ def detach_recipe(t: Tensor) -> None:
         delattr(t, _ATTR)
 
 
-def source_for(t: Tensor, *, inplace: bool) -> Source:
-    """Cheapest way to get ``t`` back later: its recipe, else ``t`` (copied if about to be overwritten)."""
+def source_for(t: Tensor) -> Source:
+    """Cheapest way to get ``t`` back later: its recipe, else ``t`` itself."""
     recipe = recipe_of(t)
-    if recipe is not None:
-        return recipe
-    return Stored.of(t.clone() if inplace else t)
+    return recipe if recipe is not None else Stored.of(t)
