@@ -86,6 +86,18 @@ def peak_mib(name: str, method: str, batch: int, size: int) -> dict[str, float]:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def add_compile_option(parser: argparse.ArgumentParser) -> None:
+    """``--compile``: the soft rules' kernel policy for the run (shared by the engine benchmarks)."""
+    parser.add_argument("--compile", choices=["always", "auto", "never"], default="always",
+                        help="SP_LIGHTNING_COMPILE for the soft rules' kernels (always: the steady state that "
+                             "auto reaches once eager work would have paid for compiling)")
+
+
+def use_compile_option(args: argparse.Namespace) -> None:
+    """Apply ``--compile``: the engine reads it at each backward, and child processes inherit it."""
+    os.environ["SP_LIGHTNING_COMPILE"] = args.compile
+
+
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -104,11 +116,9 @@ def main() -> None:
                         help="'cpu' (process CPU time) is robust on a shared machine when --threads 1")
     parser.add_argument("--models", nargs="+", help="override the model list")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
-    parser.add_argument("--compile", choices=["always", "auto", "never"], default="always",
-                        help="SP_LIGHTNING_COMPILE for the soft rules' kernels (always: the steady state that "
-                             "auto reaches once eager work would have paid for compiling)")
+    add_compile_option(parser)
     args = parser.parse_args()
-    os.environ["SP_LIGHTNING_COMPILE"] = args.compile  # read at each backward; child processes inherit it
+    use_compile_option(args)
     if args.child:
         if args.threads:
             torch.set_num_threads(args.threads)

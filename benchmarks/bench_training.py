@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench_engine import add_compile_option, use_compile_option
 from sp_lightning import DEFAULT_TEMPERATURES, SoftRules
 from sp_lightning.mode import SoftBackwardMode
 
@@ -117,11 +117,9 @@ def main() -> None:
     parser.add_argument("--breakdown", nargs="*", default=[], metavar="RULE",
                         help="also time the soft step with only RULE on (one variant per rule)")
     parser.add_argument("--profile", action="store_true", help="also print the top ops of each variant")
-    parser.add_argument("--compile", choices=["always", "auto", "never"], default="always",
-                        help="SP_LIGHTNING_COMPILE for the soft rules' kernels (always: the steady state that "
-                             "auto reaches once eager work would have paid for compiling)")
+    add_compile_option(parser)
     args = parser.parse_args()
-    os.environ["SP_LIGHTNING_COMPILE"] = args.compile  # read at each backward; child processes inherit it
+    use_compile_option(args)
     if args.quick:
         args.batch, args.size, args.repeats = 4, 64, 2
     if args.threads:

@@ -7,7 +7,7 @@
 Both versions of ``sp_lightning`` are imported side by side (the other checkout's
 and this one's), and their calls alternate on the same model and inputs, so the
 printed ratios (this checkout / the other) are robust to machine-wide drift.
-One intra-op thread, process CPU time, median of ``--repeats``.
+One intra-op thread, process CPU time, median of ``--repeats`` after one warm-up call each.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from types import ModuleType
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_engine import MODELS, build  # noqa: E402
+from bench_engine import MODELS, add_compile_option, build, use_compile_option  # noqa: E402
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,15 +48,21 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=224, help="input side")
+    add_compile_option(parser)
     args = parser.parse_args()
+    use_compile_option(args)
     torch.set_num_threads(1)
     engines = {"base": load(args.base), "this": load(HERE)}
     x = torch.randn(8, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     targets = {"T=1": 1, "T=4": torch.tensor([[1, 2, 3, 4]] * 8)}
-    print(f"torch {torch.__version__}, 1 thread, cpu clock, batch 8 at {args.size}, median of {args.repeats}")
+    print(f"torch {torch.__version__}, 1 thread, cpu clock, batch 8 at {args.size}, median of {args.repeats}, "
+          f"SP_LIGHTNING_COMPILE={args.compile}")
     for name in args.models:
         model = build(name)
         times: dict[tuple[str, str], list[float]] = {}
+        for module in engines.values():  # warm-up: compiled kernels, allocator
+            for target in targets.values():
+                module.SoftPullback(model).attribute(x, target)
         for _ in range(args.repeats):
             for engine, module in engines.items():
                 for kind, target in targets.items():
