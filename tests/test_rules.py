@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -434,6 +435,56 @@ def test_batchnorm_recipe_matches_stored_input() -> None:
     out_ref, (g_ref,) = vjp(reference, (x,), up)
     assert torch.equal(out, block(x.clone()))
     torch.testing.assert_close(g, g_ref)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that run, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+def test_cotangent_skips_frozen_batchnorms_and_only_those(trainable: bool) -> None:
+    """After a frozen eval BatchNorm (+ residual), the soft ReLU hands its cotangent straight to the
+    BatchNorm's input, scaled, so no BatchNorm backward runs. Parameters that want a gradient keep
+    the ordinary path, and every gradient equals the one through a stored, recipe-free input."""
+    torch.manual_seed(0)
+    convs, bns = [nn.Conv2d(3, 3, 3, padding=1) for _ in range(2)], [nn.BatchNorm2d(3).eval() for _ in range(2)]
+    params = [p for m in convs + bns for p in m.parameters()]
+    for bn in bns:
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    for p in params:
+        p.requires_grad_(trainable)
+
+    def block(t: Tensor, chain: bool) -> Tensor:
+        h = bns[0](convs[0](t))
+        h = F.relu(h if chain else h + 0.0, inplace=True)  # "+ 0.0" breaks the recipe: the rule stores x
+        out = bns[1](convs[1](h))
+        out += t
+        return F.relu(out if chain else out + 0.0, inplace=True)
+
+    x, up = torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)
+    results = []
+    for chain in (True, False):
+        leaf = x.clone().requires_grad_(True)
+        model = Lambda(lambda t: block(t, chain))
+        with soft_backward(model):
+            out = model(leaf)
+        with OpCounter() as counter:
+            grads = torch.autograd.grad(out, [leaf] + [p for p in params if p.requires_grad], up)
+        results.append((grads, counter.ops["native_batch_norm_backward"]))
+    (folded, skipped), (reference, plain) = results
+    assert plain == 2 and skipped == (2 if trainable else 0)
+    assert len(folded) == (1 + len(params) if trainable else 1)
+    for g, ref in zip(folded, reference):
+        torch.testing.assert_close(g, ref)
 
 
 # --------------------------------------------------------------------------- configuration and coverage

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .kernels import fused_phi
+from .kernels import Scales, fused_gate_cotangents, fused_phi, fused_phi_cotangents
 from .sources import Source
 
 #: gate(source, tau, params) -> the surrogate derivative, a fresh tensor shaped like x.
@@ -119,12 +119,30 @@ def derived(ctx: Any, compute: Callable[[], Any]) -> Any:
     return kept
 
 
+def _eager_cotangents(gv: Tensor, scales: Scales) -> tuple[Tensor, ...]:
+    """``gv`` (a fresh tensor) passed on to each term; a single scaled term reuses its memory."""
+    if len(scales) == 1:
+        return (gv if scales[0] is None else gv.mul_(scales[0]),)
+    return tuple(gv if scale is None else gv * scale for scale in scales)
+
+
+#: Gates with a kernel that fuses gate, product with the cotangent and hand-over to the terms.
+_FUSED_COTANGENTS: dict[Gate, Callable[[Source, float, Tensor, Scales], tuple[Tensor, ...] | None]] = {
+    relu_gate: fused_phi_cotangents
+}
+
+
 class SoftElementwise(torch.autograd.Function):
     """Forward: the original activation (bit-identical). Backward: ``v * gate(x)``.
 
     ``early``: the op overwrites x in place and x has no recipe, so the gate is derived in the
     forward, before x is lost. That costs the same memory as keeping a copy of x for the backward,
     and one pass over x fewer.
+
+    ``scales`` (with the recipe's term tensors as further inputs): x came from frozen eval
+    BatchNorms (plus residuals), so the cotangent skips them and goes straight to their inputs, times
+    each BatchNorm's scale, in the same pass that forms ``v * gate`` (no separate BatchNorm backward).
+    ``None``: the cotangent goes to x.
     """
 
     @staticmethod
@@ -139,18 +157,35 @@ class SoftElementwise(torch.autograd.Function):
         inplace: bool,
         keep: bool,
         early: bool,
+        scales: Scales | None,
+        *terms: Tensor,
     ) -> Tensor:
         if early:
             ctx.kept, source = gate(source, tau, params), None
         out = call(x)
         if inplace:
             ctx.mark_dirty(x)
-        ctx.gate, ctx.tau, ctx.params, ctx.source = gate, tau, params, source
+        ctx.gate, ctx.tau, ctx.params, ctx.source, ctx.scales = gate, tau, params, source, scales
         ctx.keep, ctx.single_use = keep, not (keep or early)
         return out
 
     @staticmethod
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
-        factor = derived(ctx, lambda: ctx.gate(ctx.source, ctx.tau, ctx.params))
-        grad = factor.mul_(v) if ctx.single_use else factor * v
-        return grad, None, None, None, None, None, None, None, None
+        grads = _cotangents(ctx, v, ctx.scales if ctx.scales is not None else (None,))
+        if ctx.scales is None:
+            return (grads[0],) + (None,) * 9
+        wanted = ctx.needs_input_grad[10:]
+        return (None,) * 10 + tuple(g if need else None for g, need in zip(grads, wanted))
+
+
+def _cotangents(ctx: Any, v: Tensor, scales: Scales) -> tuple[Tensor, ...]:
+    """``v * gate`` handed on to each term: one fused kernel where there is one, else gate, then product."""
+    if ctx.single_use:
+        fused = _FUSED_COTANGENTS.get(ctx.gate)
+        grads = fused(ctx.source, ctx.tau, v, scales) if fused is not None else None
+        if grads is not None:
+            return grads
+        return _eager_cotangents(ctx.gate(ctx.source, ctx.tau, ctx.params).mul_(v), scales)
+    factor = derived(ctx, lambda: ctx.gate(ctx.source, ctx.tau, ctx.params))
+    grads = fused_gate_cotangents(factor, v, scales)
+    return grads if grads is not None else _eager_cotangents(factor * v, scales)

@@ -24,7 +24,7 @@ from . import gates
 from .attention import SoftAttentionValue, SoftSDPA, is_tagged_softmax, tag_softmax
 from .norms import SoftGroupNorm, SoftLayerNorm
 from .pooling import SoftMaxPool2d, pool_geometry
-from .sources import Affine, Stored, Sum, attach, detach_recipe, recipe_of, source_for
+from .sources import Affine, Source, Stored, Sum, attach, detach_recipe, recipe_of, source_for
 
 if TYPE_CHECKING:
     from ..mode import SoftBackwardMode
@@ -78,10 +78,22 @@ class _Activation:
             return func(t, *rest, **kwargs)
 
         keep = mode.rules.keep_derived
-        out = gates.SoftElementwise.apply(x, call, self.gate, tau, params, source, inplace, keep, early)
+        scales, terms = _direct_terms(source)
+        out = gates.SoftElementwise.apply(
+            x, call, self.gate, tau, params, source, inplace, keep, early, scales, *terms
+        )
         if inplace:
             detach_recipe(x)
         return out
+
+
+def _direct_terms(source: Source) -> tuple[tuple[Tensor | None, ...] | None, tuple[Tensor, ...]]:
+    """Scales and tensors of the terms x's cotangent goes straight to, when x came from frozen eval
+    BatchNorms (see ``SoftElementwise``); ``(None, ())`` when it goes to x itself."""
+    if isinstance(source, Stored) or not source.direct():
+        return None, ()
+    terms = source.terms()
+    return tuple(scale for _, scale, _ in terms), tuple(t for t, _, _ in terms)
 
 
 def _activation_table() -> dict[Any, Handler]:
@@ -263,6 +275,7 @@ def _batch_norm(mode: "SoftBackwardMode", func: Any, args: tuple, kwargs: dict) 
         return out
     weight, bias = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
     eps = float(_arg(args, kwargs, 7, "eps", 1e-5))
+    frozen = not (mode.rules.param_grads and any(p is not None and p.requires_grad for p in (weight, bias)))
     with torch.no_grad():
         scale = torch.rsqrt(var + eps)
         if weight is not None:
@@ -271,7 +284,8 @@ def _batch_norm(mode: "SoftBackwardMode", func: Any, args: tuple, kwargs: dict) 
         if bias is not None:
             shift = shift + bias
         view = (1, -1) + (1,) * (x.dim() - 2)
-        attach(out, Affine(x, x._version, scale.reshape(view).to(x.dtype), shift.reshape(view).to(x.dtype)))
+        scale, shift = scale.reshape(view).to(x.dtype), shift.reshape(view).to(x.dtype)
+        attach(out, Affine(x, x._version, scale, shift, frozen))
     return out
 
 

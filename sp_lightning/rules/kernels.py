@@ -6,7 +6,10 @@ the tail and halves it, and erfc alone costs four times a plain ReLU backward
 on CPU. Compiled, the recompute and ``Phi(z) = (1 + erf(z / sqrt 2)) / 2`` run
 in one vectorised loop, about a third of the eager time. The erf form's
 absolute error is one float ulp near 1 (its tail below ~3e-8 is exact zero in
-float32, so no subnormals appear).
+float32, so no subnormals appear). The same loop multiplies by the cotangent
+and, when x came from frozen eval BatchNorms, hands ``v * gate * scale`` to
+each BatchNorm's input directly (``SoftElementwise``): no separate product and
+no BatchNorm backward pass.
 
 Compiling costs seconds once per process (more on a machine's first run), so
 by default (``SP_LIGHTNING_COMPILE=auto``) a kernel is compiled only after the
@@ -27,11 +30,15 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .sources import Source, Term
+
+#: Per output cotangent: the scale it is multiplied by (``None``: the cotangent of x itself).
+Scales = tuple[Tensor | None, ...]
 
 #: Smallest activation (in elements) worth a compiled kernel.
 MIN_FUSED_NUMEL = 1 << 16
@@ -42,14 +49,34 @@ COMPILE_AFTER_ELEMENTS = 10**9
 _SQRT_HALF = math.sqrt(0.5)
 
 
-def _phi_of_terms(terms: tuple[Term, ...], k: Tensor) -> Tensor:
-    """Phi(x / tau) for x = sum of the terms, k = 1 / (tau * sqrt 2): the traced body of the kernel."""
+def _recompute(terms: tuple[Term, ...]) -> Tensor:
+    """x as the sum of its terms (traced into the kernels, so the recompute costs no pass of its own)."""
     x: Tensor | None = None
     for t, scale, shift in terms:
         part = t if scale is None else t * scale + shift
         x = part if x is None else x + part
     assert x is not None
-    return 0.5 + 0.5 * torch.erf(x * k)
+    return x
+
+
+def _emit(gv: Tensor, scales: Scales) -> tuple[Tensor, ...]:
+    """The cotangent ``gv`` of x, passed on to each term of x (times its scale, if any)."""
+    return tuple(gv if scale is None else gv * scale for scale in scales)
+
+
+def _phi_of_terms(terms: tuple[Term, ...], k: Tensor) -> Tensor:
+    """Phi(x / tau) for x = sum of the terms, k = 1 / (tau * sqrt 2): the traced body of the kernel."""
+    return 0.5 + 0.5 * torch.erf(_recompute(terms) * k)
+
+
+def _phi_cotangents(terms: tuple[Term, ...], v: Tensor, scales: Scales, k: Tensor) -> tuple[Tensor, ...]:
+    """v * Phi(x / tau), passed on to the terms: gate, product and BatchNorm backward in one loop."""
+    return _emit(v * _phi_of_terms(terms, k), scales)
+
+
+def _gate_cotangents(gate: Tensor, v: Tensor, scales: Scales) -> tuple[Tensor, ...]:
+    """v * gate, passed on to the terms, for a gate kept across several backward passes."""
+    return _emit(v * gate, scales)
 
 
 _POLICIES = frozenset({"auto", "always", "never"})
@@ -69,9 +96,9 @@ def compile_policy() -> str:
 class CompiledKernel:
     """``torch.compile`` of a function under the compile policy; falls back to eager (once warned) on failure."""
 
-    def __init__(self, fn: Callable[..., Tensor], dynamic: bool = True) -> None:
+    def __init__(self, fn: Callable[..., Any], dynamic: bool = True) -> None:
         self.fn, self.dynamic = fn, dynamic
-        self.compiled: Callable[..., Tensor] | None = None
+        self.compiled: Callable[..., Any] | None = None
         self.broken = False
         self.eager_elements = 0  # work done eagerly so far (auto policy)
 
@@ -87,15 +114,17 @@ class CompiledKernel:
             return False
         return True
 
-    def maybe(self, x: Tensor, *args: object, scalar: float) -> Tensor | None:
-        """``fn(*args, scalar)`` compiled when :meth:`wanted` says so for input ``x``; ``None`` means
+    def maybe(self, x: Tensor, *args: object, scalar: float | None = None) -> Any:
+        """``fn(*args[, scalar])`` compiled when :meth:`wanted` says so for input ``x``; ``None`` means
         the caller runs its eager code. The scalar goes in as a 0-dim tensor: a Python float would be
         specialised, and every new temperature would recompile."""
         if not self.wanted(x):
             return None
+        if scalar is None:
+            return self(*args)
         return self(*args, torch.full((), scalar, dtype=x.dtype, device=x.device))
 
-    def __call__(self, *args: object) -> Tensor | None:
+    def __call__(self, *args: object) -> Any:
         """The compiled result, or ``None`` when compiling failed."""
         if self.compiled is None:
             self.compiled = torch.compile(self.fn, dynamic=self.dynamic)
@@ -114,9 +143,21 @@ class CompiledKernel:
 
 
 _PHI = CompiledKernel(_phi_of_terms)
+_PHI_COTANGENTS = CompiledKernel(_phi_cotangents)
+_GATE_COTANGENTS = CompiledKernel(_gate_cotangents)
 
 
 def fused_phi(source: Source, tau: float) -> Tensor | None:
     """Phi(x / tau) from one compiled kernel, or ``None`` when this input should use the eager gate."""
     terms = source.terms()
     return _PHI.maybe(terms[0][0], terms, scalar=_SQRT_HALF / tau)
+
+
+def fused_phi_cotangents(source: Source, tau: float, v: Tensor, scales: Scales) -> tuple[Tensor, ...] | None:
+    """``v * Phi(x / tau)`` passed on to ``scales`` from one compiled kernel, or ``None`` (eager)."""
+    return _PHI_COTANGENTS.maybe(v, source.terms(), v, scales, scalar=_SQRT_HALF / tau)
+
+
+def fused_gate_cotangents(gate: Tensor, v: Tensor, scales: Scales) -> tuple[Tensor, ...] | None:
+    """``v * gate`` passed on to ``scales`` from one compiled kernel, or ``None`` (eager)."""
+    return _GATE_COTANGENTS.maybe(v, gate, v, scales)

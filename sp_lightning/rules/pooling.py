@@ -6,8 +6,9 @@ constant); overlapping windows add up. Padded positions are -inf, as in the
 true max-pool, so they receive no weight; ``padding_mode="zeros"`` reproduces
 the reference code, which pads the soft window with zeros.
 
-With -inf padding the backward is separable (``_SeparableRouting``): a
-depthwise convolution and its transpose. Otherwise (zero padding, ceil_mode,
+With -inf padding the backward is separable (``_SeparableRouting``): window
+sums and their transpose (pooling kernels, or a depthwise convolution when
+the windows are dilated). Otherwise (zero padding, ceil_mode,
 extreme dynamic range) ``_PhaseRouting`` handles each window offset separately.
 """
 
@@ -102,39 +103,67 @@ class _SeparableRouting:
         if min(spare) < 0:  # ceil_mode: the last window hangs over the padded input
             return None
         peak = x.amax(dim=(-2, -1), keepdim=True)
-        weights = _shifted_weights(x, peak, tau)
-        if _tiles(x, geometry):
-            total = F.avg_pool2d(weights, kernel, stride, divisor_override=1)
-        else:
-            total = F.conv2d(weights, _ones(x, kernel), None, stride, padding, dilation, x.shape[1])
+        total = None if keep else _WINDOW_TOTALS.maybe(x, x, peak, geometry, scalar=1.0 / tau)
+        weights = None
+        if total is None:
+            weights = _shifted_weights(x, peak, tau)
+            total = _window_sums(weights, geometry)
         if not bool((total > torch.finfo(x.dtype).tiny * _DENOMINATOR_MARGIN).all()):
             return None
         return cls(x, geometry, tau, peak, total.reciprocal_(), spare, weights if keep else None)
 
-    def _spread(self, routed: Tensor) -> Tensor:
-        """Each window's value added to all its positions: the transpose of the window sum.
-
-        The transposed depthwise convolution is general; for the usual geometries the pooling
-        kernels that compute the same sums are several times faster on CPU.
-        """
-        kernel, stride, padding, dilation = self.geometry
-        if _tiles(self.x, self.geometry):
-            return F.interpolate(routed, size=self.x.shape[-2:], mode="nearest")
-        if dilation == (1, 1):
-            return torch.ops.aten.avg_pool2d_backward(routed, self.x, kernel, stride, padding, False, True, 1)
-        ones = _ones(self.x, kernel)
-        return F.conv_transpose2d(routed, ones, None, stride, padding, self.spare, self.x.shape[1], dilation)
-
     def route(self, v: Tensor) -> Tensor:
         # Used once (no weights kept): scale v into the reciprocals' memory instead of a new tensor.
         routed = self.reciprocal * v if self.weights is not None else self.reciprocal.mul_(v)
-        spread = self._spread(routed)
+        layout = (self.geometry, self.spare, _tiles(self.x, self.geometry))
         if self.weights is not None:
-            return spread.mul_(self.weights)
+            return _spread(routed, self.x, *layout).mul_(self.weights)
+        fused = _WEIGHTED_SPREAD.maybe(self.x, routed, self.x, self.peak, layout, scalar=1.0 / self.tau)
+        if fused is not None:
+            return fused
+        spread = _spread(routed, self.x, *layout)
         # Recompute the weights one sample at a time rather than keep a second input-sized tensor alive.
         for i in range(spread.shape[0]):
             spread[i].mul_(_shifted_weights(self.x[i], self.peak[i], self.tau))
         return spread
+
+
+def _spread(routed: Tensor, x: Tensor, geometry: Geometry, spare: list[int], tiles: bool) -> Tensor:
+    """Each window's value added to all its positions of ``x``: the transpose of the window sum.
+
+    The transposed depthwise convolution is general; for the usual geometries the pooling
+    kernels that compute the same sums are several times faster on CPU.
+    """
+    kernel, stride, padding, dilation = geometry
+    if tiles:
+        return F.interpolate(routed, size=x.shape[-2:], mode="nearest")
+    if dilation == (1, 1):
+        return torch.ops.aten.avg_pool2d_backward(routed, x, kernel, stride, padding, False, True, 1)
+    return F.conv_transpose2d(routed, _ones(x, kernel), None, stride, padding, spare, x.shape[1], dilation)
+
+
+def _weighted_spread_body(
+    routed: Tensor, x: Tensor, peak: Tensor, layout: tuple[Geometry, list[int], bool], k: Tensor
+) -> Tensor:
+    """The spread cotangents times the recomputed window weights: the traced body of the kernel."""
+    return _spread(routed, x, *layout) * _shifted_weights_body(x, peak, k)
+
+
+def _window_sums(weights: Tensor, geometry: Geometry) -> Tensor:
+    """Each window's sum of ``weights`` (zero padding stands for the -inf padding)."""
+    kernel, stride, padding, dilation = geometry
+    if dilation == (1, 1):
+        return F.avg_pool2d(weights, kernel, stride, padding, divisor_override=1)
+    return F.conv2d(weights, _ones(weights, kernel), None, stride, padding, dilation, weights.shape[1])
+
+
+def _window_totals_body(x: Tensor, peak: Tensor, geometry: Geometry, k: Tensor) -> Tensor:
+    """The softmax denominators of every window: the traced body of the kernel."""
+    return _window_sums(_shifted_weights_body(x, peak, k), geometry)
+
+
+_WEIGHTED_SPREAD = CompiledKernel(_weighted_spread_body)
+_WINDOW_TOTALS = CompiledKernel(_window_totals_body)
 
 
 @dataclass(eq=False)

@@ -49,6 +49,11 @@ class Source(ABC):
     def terms(self) -> tuple[Term, ...]:
         """``x`` as a sum of ``tensor * scale + shift`` terms (scale, shift ``None``: the tensor itself)."""
 
+    @abstractmethod
+    def direct(self) -> bool:
+        """Whether x's cotangent may skip the ops that made x and go straight to the terms' tensors:
+        true unless some affine's parameters want a gradient of their own."""
+
 
 @dataclass(eq=False)
 class Stored(Source):
@@ -71,15 +76,22 @@ class Stored(Source):
     def terms(self) -> tuple[Term, ...]:
         return ((self.value(), None, None),)
 
+    def direct(self) -> bool:
+        return True
+
 
 @dataclass(eq=False)
 class Affine(Source):
-    """x = src * scale + shift (per-channel), e.g. an eval-mode BatchNorm."""
+    """x = src * scale + shift (per-channel), e.g. an eval-mode BatchNorm.
+
+    ``frozen``: the parameters behind scale and shift need no gradient, so cotangents may skip them.
+    """
 
     src: Tensor
     version: int
     scale: Tensor
     shift: Tensor
+    frozen: bool
 
     def value(self) -> Tensor:
         return self.scaled(1.0)
@@ -91,6 +103,9 @@ class Affine(Source):
     def terms(self) -> tuple[Term, ...]:
         _check_version(self.src, self.version)
         return ((self.src, self.scale, self.shift),)
+
+    def direct(self) -> bool:
+        return self.frozen
 
 
 @dataclass(eq=False)
@@ -108,6 +123,9 @@ class Sum(Source):
 
     def terms(self) -> tuple[Term, ...]:
         return self.a.terms() + self.b.terms()
+
+    def direct(self) -> bool:
+        return self.a.direct() and self.b.direct()
 
 
 def attach(t: Tensor, source: Source) -> None:
