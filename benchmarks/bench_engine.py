@@ -4,7 +4,9 @@
     .venv/bin/python benchmarks/bench_engine.py --quick    # small smoke run
 
 Time: both methods run interleaved in one process (median of --repeats), so the
-printed ratio is robust to machine-wide drift. Peak memory: each (model, method)
+printed ratio is robust to machine-wide drift. ``fwd s`` is the forward half of
+one SP call; with b = backward / forward it gives ``bound`` = (1 + 4b) / (4 + 4b),
+the T=4 ratio of a call that shares the forward and nothing else. Peak memory: each (model, method)
 runs in a fresh subprocess. The headline number is the peak of bytes held by
 torch's allocator during one explanation (from the profiler's memory events:
 deterministic). Peak RSS minus the RSS before the call is printed beside it; it
@@ -43,6 +45,17 @@ def explainer(method: str, model: torch.nn.Module) -> Callable[[torch.Tensor, ob
     import sp_lightning as sp
 
     return (sp.Gradient(model) if method == "gradient" else sp.SoftPullback(model)).attribute
+
+
+def soft_forward(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The forward half of one SoftPullback call: the model under the soft rules, recording its graph."""
+    import sp_lightning as sp
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with sp.soft_backward(model):
+            return model(x.detach().requires_grad_(True))
+
+    return run
 
 
 def rss_kib() -> int:
@@ -133,25 +146,30 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
           f"batch {batch} at {size}x{size}, median of {repeats}, SP_LIGHTNING_COMPILE={args.compile}")
     print(f"{'model':<10} {'grad s':>8} {'SP s':>8} {'time x':>7} {'grad MiB':>9} {'SP MiB':>8} {'mem x':>6} "
-          f"{'RSS x':>6} {'4 calls s':>9} {'1 call s':>8} {'T=4 x':>6}")
+          f"{'RSS x':>6} {'4 calls s':>9} {'1 call s':>8} {'T=4 x':>6} {'fwd s':>6} {'bound':>6}")
     for name in models:
         torch.manual_seed(0)
         model = build(name)
         x = torch.randn(batch, 3, size, size)
         grad, soft = explainer("gradient", model), explainer("soft", model)
         targets = torch.randint(0, 1000, (batch, 4), generator=torch.Generator().manual_seed(0))
+        forward = soft_forward(model)
         grad(x, 1), soft(x, 1)  # warm-up
-        t_grad, t_soft, t_four, t_one = [], [], [], []
+        t_grad, t_soft, t_four, t_one, t_fwd = [], [], [], [], []
         for _ in range(repeats):
             t_grad.append(timed(lambda: grad(x, 1), clock))
             t_soft.append(timed(lambda: soft(x, 1), clock))
             t_four.append(timed(lambda: [soft(x, targets[:, i]) for i in range(4)], clock))
             t_one.append(timed(lambda: soft(x, targets), clock))
-        g, s, four, one = (statistics.median(t) for t in (t_grad, t_soft, t_four, t_one))
+            t_fwd.append(timed(lambda: forward(x), clock))
+        g, s, four, one, f = (statistics.median(t) for t in (t_grad, t_soft, t_four, t_one, t_fwd))
+        b = (s - f) / f  # backward / forward time of one SP call
+        bound = (1 + 4 * b) / (4 + 4 * b)  # T=4 ratio if one call shared only the forward
         m_grad, m_soft = peak_mib(name, "gradient", batch, size), peak_mib(name, "soft", batch, size)
         a_grad, a_soft = m_grad["alloc_mib"], m_soft["alloc_mib"]
         print(f"{name:<10} {g:8.3f} {s:8.3f} {s / g:7.3f} {a_grad:9.1f} {a_soft:8.1f} {a_soft / a_grad:6.3f} "
-              f"{m_soft['rss_mib'] / m_grad['rss_mib']:6.3f} {four:9.3f} {one:8.3f} {one / four:6.3f}", flush=True)
+              f"{m_soft['rss_mib'] / m_grad['rss_mib']:6.3f} {four:9.3f} {one:8.3f} {one / four:6.3f} {f:6.3f} {bound:6.3f}",
+              flush=True)
 
 
 if __name__ == "__main__":
