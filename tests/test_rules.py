@@ -487,6 +487,32 @@ def test_cotangent_skips_frozen_batchnorms_and_only_those(trainable: bool) -> No
         torch.testing.assert_close(g, ref)
 
 
+def test_train_mode_batchnorm_recipe_recomputes_x_from_the_batch_statistics() -> None:
+    """A train-mode BatchNorm's batch statistics (saved by its own backward) give the in-place ReLU
+    after it a recipe: no gate is derived in the forward, and every gradient, parameters included,
+    equals the one through a stored, recipe-free input."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4).train()
+
+    def block(t: Tensor, chain: bool) -> Tensor:
+        h = bn(conv(t))
+        return F.relu(h if chain else h + 0.0, inplace=True)  # "+ 0.0": no recipe
+
+    x, up = torch.randn(3, 3, 6, 6), torch.randn(3, 4, 6, 6)
+    results = []
+    for chain in (True, False):
+        leaf = x.clone().requires_grad_(True)
+        model = Lambda(lambda t: block(t, chain))
+        with soft_backward(model), OpCounter() as counter:
+            out = model(leaf)
+        params = list(conv.parameters()) + list(bn.parameters())
+        results.append((torch.autograd.grad(out, [leaf] + params, up), counter.ops["erfc_"]))
+    (recomputed, forward_gates), (reference, reference_gates) = results
+    assert forward_gates == 0 and reference_gates == 1
+    for g, ref in zip(recomputed, reference):
+        torch.testing.assert_close(g, ref)
+
+
 # --------------------------------------------------------------------------- configuration and coverage
 
 

@@ -266,26 +266,45 @@ def _multi_head_attention(mode: "SoftBackwardMode", func: Any, args: tuple, kwar
 # --------------------------------------------------------------------------- recipes (memory)
 
 
+def _batch_statistics(out: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(mean, 1 / std) a train-mode BatchNorm normalised with, read from the autograd node that
+    saved them for its own backward; ``None`` for other kernels (cuDNN, MIOpen) that name them
+    differently."""
+    node = out.grad_fn
+    if type(node).__name__ != "NativeBatchNormBackward0":
+        return None
+    return node._saved_result1, node._saved_result2
+
+
 def _batch_norm(mode: "SoftBackwardMode", func: Any, args: tuple, kwargs: dict) -> Any:
-    """Eval-mode BatchNorm: tag the output with its affine recipe (see ``sources``)."""
+    """BatchNorm: tag the output with its affine recipe (see ``sources``).
+
+    Eval mode normalises with the running statistics, so cotangents may skip the BatchNorm when its
+    parameters want no gradient. Train mode normalises with the batch's own statistics, so the
+    recipe serves only to recompute x."""
     out = func(*args, **kwargs)
     x = _arg(args, kwargs, 0, "input")
-    mean, var = _arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 2, "running_var")
-    if _arg(args, kwargs, 5, "training", False) or mean is None or var is None or not needs_soft(x):
+    if not needs_soft(x):
         return out
+    training = bool(_arg(args, kwargs, 5, "training", False))
     weight, bias = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
-    eps = float(_arg(args, kwargs, 7, "eps", 1e-5))
-    frozen = not (mode.rules.param_grads and any(p is not None and p.requires_grad for p in (weight, bias)))
     with torch.no_grad():
-        scale = torch.rsqrt(var + eps)
-        if weight is not None:
-            scale = scale * weight
+        if training:
+            stats = _batch_statistics(out)
+            if stats is None:
+                return out
+            mean, invstd = stats
+        else:
+            mean, var = _arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 2, "running_var")
+            invstd = torch.rsqrt(var + float(_arg(args, kwargs, 7, "eps", 1e-5)))
+        scale = invstd if weight is None else invstd * weight
         shift = -mean * scale
         if bias is not None:
             shift = shift + bias
         view = (1, -1) + (1,) * (x.dim() - 2)
         scale, shift = scale.reshape(view).to(x.dtype), shift.reshape(view).to(x.dtype)
-        attach(out, Affine(x, x._version, scale, shift, frozen))
+    wanted = mode.rules.param_grads and any(p is not None and p.requires_grad for p in (weight, bias))
+    attach(out, Affine(x, x._version, scale, shift, skippable=not (training or wanted)))
     return out
 
 

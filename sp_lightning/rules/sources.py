@@ -82,16 +82,17 @@ class Stored(Source):
 
 @dataclass(eq=False)
 class Affine(Source):
-    """x = src * scale + shift (per-channel), e.g. an eval-mode BatchNorm.
+    """x = src * scale + shift (per-channel), e.g. a BatchNorm.
 
-    ``frozen``: the parameters behind scale and shift need no gradient, so cotangents may skip them.
+    ``skippable``: scale and shift are constants whose origin wants no gradient (an eval-mode
+    BatchNorm with frozen parameters), so x's cotangent may go straight to src.
     """
 
     src: Tensor
     version: int
     scale: Tensor
     shift: Tensor
-    frozen: bool
+    skippable: bool
 
     def value(self) -> Tensor:
         return self.scaled(1.0)
@@ -105,7 +106,7 @@ class Affine(Source):
         return ((self.src, self.scale, self.shift),)
 
     def direct(self) -> bool:
-        return self.frozen
+        return self.skippable
 
 
 @dataclass(eq=False)
