@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_training.py              # resnet18 + vit_tiny_patch16_224, batch 32 at 224
     .venv/bin/python benchmarks/bench_training.py --quick      # small smoke run
     .venv/bin/python benchmarks/bench_training.py --profile    # also: where the time goes (top ops)
+    .venv/bin/python benchmarks/bench_training.py --memory     # also: peak memory of one step
     .venv/bin/python benchmarks/bench_training.py --breakdown relu maxpool   # also: each rule on its own
     .venv/bin/python benchmarks/bench_training.py --threads 1 --clock cpu   # on a shared, busy machine
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench_engine import add_compile_option, use_compile_option
+from bench_engine import add_compile_option, allocator_peak_mib, use_compile_option
 from sp_lightning import DEFAULT_TEMPERATURES, SoftRules
 from sp_lightning.mode import SoftBackwardMode
 
@@ -87,6 +88,19 @@ def compare(
     return {key: statistics.median(values) for key, values in times.items()}
 
 
+def peak_memory(name: str, variants: dict[str, SoftRules | None], batch: int, size: int) -> dict[str, float]:
+    """Peak MiB held by torch's allocator during one step of each variant (after a warm-up step)."""
+    torch.manual_seed(0)
+    model = build(name, size)
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+    peaks = {}
+    for key, rules in variants.items():
+        step = make_step(copy.deepcopy(model), rules, x, y)
+        step()
+        peaks[key] = allocator_peak_mib(step)
+    return peaks
+
+
 def profile(name: str, batch: int, size: int, rows: int = 12) -> None:
     """Print the ops that take the most self CPU time in one standard and one soft step."""
     from torch.profiler import ProfilerActivity
@@ -117,6 +131,7 @@ def main() -> None:
     parser.add_argument("--breakdown", nargs="*", default=[], metavar="RULE",
                         help="also time the soft step with only RULE on (one variant per rule)")
     parser.add_argument("--profile", action="store_true", help="also print the top ops of each variant")
+    parser.add_argument("--memory", action="store_true", help="also print each variant's peak memory in one step")
     add_compile_option(parser)
     args = parser.parse_args()
     use_compile_option(args)
@@ -136,6 +151,12 @@ def main() -> None:
         medians = compare(name, variants, args.batch, args.size, args.repeats, CLOCKS[args.clock])
         for key, seconds in medians.items():
             print(f"{name:<24}{key:<18}{seconds:>9.3f}{seconds / medians['standard']:>19.3f}")
+    if args.memory:
+        print(f"\n{'model':<24}{'variant':<18}{'peak MiB':>9}{'ratio to standard':>19}")
+        for name in args.models:
+            peaks = peak_memory(name, variants, args.batch, args.size)
+            for key, mib in peaks.items():
+                print(f"{name:<24}{key:<18}{mib:>9.1f}{mib / peaks['standard']:>19.3f}")
     if args.profile:
         for name in args.models:
             profile(name, args.batch, args.size)
