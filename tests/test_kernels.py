@@ -81,8 +81,8 @@ def test_large_activations_use_the_compiled_kernels_and_match_the_eager_code(
     assert calls["terms affine"] == 1  # ReLU after an eval BatchNorm
     assert calls["terms affine+stored"] == 1  # ReLU of BatchNorm + residual
     assert calls["terms stored"] == 1  # GELU
-    # each separable max-pool: the window totals, then the spread cotangents times the recomputed weights
-    assert calls["_window_totals_body"] == calls["_weighted_spread_body"] == 2
+    # each separable max-pool: the window totals and weights, then the spread cotangent times the weights
+    assert calls["_window_totals_body"] == calls["_spread_into_body"] == 2
     eager(monkeypatch)
     calls.clear()
     reference = SoftPullback(model).attribute(*inputs)
@@ -117,9 +117,7 @@ def test_no_compiled_kernel_while_a_higher_order_graph_is_recorded(
 
 
 #: What the Block's T=1 pullback tries to compile; when one fails, the eager code behind it tries the next.
-KERNELS_TRIED = (
-    "_phi_cotangents", "_phi_of_terms", "_window_totals_body", "_shifted_weights_body", "_weighted_spread_body"
-)
+KERNELS_TRIED = ("_phi_cotangents", "_phi_of_terms", "_window_totals_body", "_shifted_weights_body")
 
 
 def test_a_failing_compiler_warns_once_and_falls_back_to_the_eager_code(
@@ -148,6 +146,24 @@ def test_a_failing_compiler_warns_once_and_falls_back_to_the_eager_code(
     assert torch.equal(again, fallen_back)
     eager(monkeypatch)
     assert torch.equal(SoftPullback(model).attribute(*inputs), fallen_back)
+
+
+def test_max_pool_falls_back_on_its_held_weights_when_only_the_second_kernel_fails(
+    inputs: tuple[Tensor, Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = Block()
+    reference = SoftPullback(model).attribute(*inputs)
+
+    def failing(*args: Any) -> Tensor:
+        raise RuntimeError("backend failure")
+
+    kernel = CompiledKernel(pooling._spread_into_body)
+    kernel.compiled = failing
+    monkeypatch.setattr(pooling, "_SPREAD_INTO", kernel)
+    with pytest.warns(RuntimeWarning, match=r"_spread_into_body failed \(RuntimeError: backend failure\)"):
+        fallen_back = SoftPullback(model).attribute(*inputs)
+    assert kernel.broken
+    torch.testing.assert_close(fallen_back, reference, rtol=1e-5, atol=1e-7 * float(reference.abs().max()))
 
 
 def test_auto_compiles_once_eager_work_would_have_paid_for_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -124,6 +124,11 @@ class CompiledKernel:
             return self(*args)
         return self(*args, torch.full((), scalar, dtype=x.dtype, device=x.device))
 
+    def follow(self, *args: object) -> Any:
+        """The compiled result for inputs a companion kernel's :meth:`wanted` already admitted (no
+        counting of its own); ``None`` once compiling has failed."""
+        return None if self.broken else self(*args)
+
     def __call__(self, *args: object) -> Any:
         """The compiled result, or ``None`` when compiling failed."""
         if self.compiled is None:

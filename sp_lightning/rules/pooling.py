@@ -90,7 +90,8 @@ class _SeparableRouting:
     peak: Tensor
     reciprocal: Tensor  # 1 / window sums, shaped like the output
     spare: list[int]  # output padding of the transpose
-    weights: Tensor | None  # kept when several backward passes reuse the routing; else recomputed per sample
+    weights: Tensor | None  # held for the backward pass(es); None: recomputed per sample
+    owned: bool  # one backward pass uses the routing: it may overwrite its tensors with the result
 
     @classmethod
     def build(
@@ -103,29 +104,29 @@ class _SeparableRouting:
         if min(spare) < 0:  # ceil_mode: the last window hangs over the padded input
             return None
         peak = x.amax(dim=(-2, -1), keepdim=True)
-        total = None if keep else _WINDOW_TOTALS.maybe(x, x, peak, geometry, scalar=1.0 / tau)
-        weights = None
-        if total is None:
+        fused = None if keep else _WINDOW_TOTALS.maybe(x, x, peak, geometry, scalar=1.0 / tau)
+        if fused is not None:  # the weights become the result's memory: no second input-sized tensor
+            total, weights = fused
+        else:
             weights = _shifted_weights(x, peak, tau)
             total = _window_sums(weights, geometry)
+            weights = weights if keep else None  # recomputed per sample rather than held beside the result
         if not bool((total > torch.finfo(x.dtype).tiny * _DENOMINATOR_MARGIN).all()):
             return None
-        return cls(x, geometry, tau, peak, total.reciprocal_(), spare, weights if keep else None)
+        return cls(x, geometry, tau, peak, total.reciprocal_(), spare, weights, owned=not keep)
 
     def route(self, v: Tensor) -> Tensor:
-        # Used once (no weights kept): scale v into the reciprocals' memory instead of a new tensor.
-        routed = self.reciprocal * v if self.weights is not None else self.reciprocal.mul_(v)
+        routed = self.reciprocal.mul_(v) if self.owned else self.reciprocal * v
         layout = (self.geometry, self.spare, _tiles(self.x, self.geometry))
-        if self.weights is not None:
+        if self.weights is None:
+            spread = _spread(routed, self.x, *layout)
+            for i in range(spread.shape[0]):
+                spread[i].mul_(_shifted_weights(self.x[i], self.peak[i], self.tau))
+            return spread
+        if not self.owned:
             return _spread(routed, self.x, *layout).mul_(self.weights)
-        fused = _WEIGHTED_SPREAD.maybe(self.x, routed, self.x, self.peak, layout, scalar=1.0 / self.tau)
-        if fused is not None:
-            return fused
-        spread = _spread(routed, self.x, *layout)
-        # Recompute the weights one sample at a time rather than keep a second input-sized tensor alive.
-        for i in range(spread.shape[0]):
-            spread[i].mul_(_shifted_weights(self.x[i], self.peak[i], self.tau))
-        return spread
+        fused = _SPREAD_INTO.follow(self.weights, routed, self.x, layout)
+        return fused if fused is not None else self.weights.mul_(_spread(routed, self.x, *layout))
 
 
 def _spread(routed: Tensor, x: Tensor, geometry: Geometry, spare: list[int], tiles: bool) -> Tensor:
@@ -142,11 +143,9 @@ def _spread(routed: Tensor, x: Tensor, geometry: Geometry, spare: list[int], til
     return F.conv_transpose2d(routed, _ones(x, kernel), None, stride, padding, spare, x.shape[1], dilation)
 
 
-def _weighted_spread_body(
-    routed: Tensor, x: Tensor, peak: Tensor, layout: tuple[Geometry, list[int], bool], k: Tensor
-) -> Tensor:
-    """The spread cotangents times the recomputed window weights: the traced body of the kernel."""
-    return _spread(routed, x, *layout) * _shifted_weights_body(x, peak, k)
+def _spread_into_body(weights: Tensor, routed: Tensor, x: Tensor, layout: tuple[Geometry, list[int], bool]) -> Tensor:
+    """The spread cotangent times the weights, written over the weights: the traced body of the kernel."""
+    return weights.mul_(_spread(routed, x, *layout))
 
 
 def _window_sums(weights: Tensor, geometry: Geometry) -> Tensor:
@@ -157,13 +156,14 @@ def _window_sums(weights: Tensor, geometry: Geometry) -> Tensor:
     return F.conv2d(weights, _ones(weights, kernel), None, stride, padding, dilation, weights.shape[1])
 
 
-def _window_totals_body(x: Tensor, peak: Tensor, geometry: Geometry, k: Tensor) -> Tensor:
-    """The softmax denominators of every window: the traced body of the kernel."""
-    return _window_sums(_shifted_weights_body(x, peak, k), geometry)
+def _window_totals_body(x: Tensor, peak: Tensor, geometry: Geometry, k: Tensor) -> tuple[Tensor, Tensor]:
+    """The softmax denominators of every window, and the weights: the traced body of the kernel."""
+    weights = _shifted_weights_body(x, peak, k)
+    return _window_sums(weights, geometry), weights
 
 
-_WEIGHTED_SPREAD = CompiledKernel(_weighted_spread_body)
 _WINDOW_TOTALS = CompiledKernel(_window_totals_body)
+_SPREAD_INTO = CompiledKernel(_spread_into_body)
 
 
 @dataclass(eq=False)
