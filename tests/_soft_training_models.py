@@ -71,6 +71,17 @@ class SmallCNN(TinyMLP):
         self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 3))
 
 
+class BatchNormCNN(SmallCNN):
+    """Conv-BatchNorm-ReLU(in place)-MaxPool-Linear: the soft ReLU recomputes x from the batch statistics."""
+
+    def __init__(self, lr: float = 0.1) -> None:
+        super().__init__(lr=lr)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(64, 3),
+        )
+
+
 def cnn_data(n: int = 16, seed: int = 7) -> TensorDataset:
     """Deterministic 1x8x8 images and labels in 3 classes."""
     g = torch.Generator().manual_seed(seed)
