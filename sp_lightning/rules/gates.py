@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .kernels import Scales, fused_gate_cotangents, fused_phi, fused_phi_cotangents
+from .kernels import Scales, emit_cotangents, fused_gate_cotangents, fused_phi, fused_phi_cotangents
 from .sources import Source
 
 #: gate(source, tau, params) -> the surrogate derivative, a fresh tensor shaped like x.
@@ -121,9 +121,9 @@ def derived(ctx: Any, compute: Callable[[], Any]) -> Any:
 
 def _eager_cotangents(gv: Tensor, scales: Scales) -> tuple[Tensor, ...]:
     """``gv`` (a fresh tensor) passed on to each term; a single scaled term reuses its memory."""
-    if len(scales) == 1:
-        return (gv if scales[0] is None else gv.mul_(scales[0]),)
-    return tuple(gv if scale is None else gv * scale for scale in scales)
+    if len(scales) == 1 and scales[0] is not None:
+        return (gv.mul_(scales[0]),)
+    return emit_cotangents(gv, scales)
 
 
 #: Gates with a kernel that fuses gate, product with the cotangent and hand-over to the terms.
@@ -172,10 +172,11 @@ class SoftElementwise(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
         grads = _cotangents(ctx, v, ctx.scales if ctx.scales is not None else (None,))
+        fixed = 10  # forward's inputs before the terms: x and nine non-differentiable settings
         if ctx.scales is None:
-            return (grads[0],) + (None,) * 9
-        wanted = ctx.needs_input_grad[10:]
-        return (None,) * 10 + tuple(g if need else None for g, need in zip(grads, wanted))
+            return (grads[0],) + (None,) * (fixed - 1)
+        wanted = ctx.needs_input_grad[fixed:]
+        return (None,) * fixed + tuple(g if need else None for g, need in zip(grads, wanted))
 
 
 def _cotangents(ctx: Any, v: Tensor, scales: Scales) -> tuple[Tensor, ...]:

@@ -59,7 +59,7 @@ def _recompute(terms: tuple[Term, ...]) -> Tensor:
     return x
 
 
-def _emit(gv: Tensor, scales: Scales) -> tuple[Tensor, ...]:
+def emit_cotangents(gv: Tensor, scales: Scales) -> tuple[Tensor, ...]:
     """The cotangent ``gv`` of x, passed on to each term of x (times its scale, if any)."""
     return tuple(gv if scale is None else gv * scale for scale in scales)
 
@@ -71,12 +71,12 @@ def _phi_of_terms(terms: tuple[Term, ...], k: Tensor) -> Tensor:
 
 def _phi_cotangents(terms: tuple[Term, ...], v: Tensor, scales: Scales, k: Tensor) -> tuple[Tensor, ...]:
     """v * Phi(x / tau), passed on to the terms: gate, product and BatchNorm backward in one loop."""
-    return _emit(v * _phi_of_terms(terms, k), scales)
+    return emit_cotangents(v * _phi_of_terms(terms, k), scales)
 
 
 def _gate_cotangents(gate: Tensor, v: Tensor, scales: Scales) -> tuple[Tensor, ...]:
     """v * gate, passed on to the terms, for a gate kept across several backward passes."""
-    return _emit(v * gate, scales)
+    return emit_cotangents(v * gate, scales)
 
 
 _POLICIES = frozenset({"auto", "always", "never"})
