@@ -4,16 +4,18 @@ One command (from the repository root, with the project installed)::
 
     pip install -e ".[docs]"       # Playwright's Python package; it drives the system Chromium
     apt-get install -y chromium    # Debian/Ubuntu (or pass --chromium PATH); no Playwright browser download
-    python docs/screenshot.py      # runs the demo (~3 min on 2 CPU cores), then writes the two PNGs
+    python docs/screenshot.py      # runs the demo (~3 min on 2 CPU cores), then writes the three PNGs
 
 ``--logdir runs/demo`` reuses the log directory of an earlier ``make demo`` instead
 of training (it must hold exactly one run). The script starts ``tensorboard
 --logdir ...`` on localhost, waits until TensorBoard serves the callback's
-images, and saves:
+images (keeping every logged step), and saves:
 
-- ``docs/tensorboard.png``: the IMAGES tab filtered to ``semantic_pullback/overview``
-  at actual size, at the last logged step. Before saving, it checks that the page
-  shows the very image TensorBoard serves for that step, fully loaded.
+- ``docs/tensorboard.png``: the IMAGES tab at its default settings (cards about 350
+  pixels wide), filtered to ``semantic_pullback/overview`` and ``.../probe_00``, at the
+  last logged step, once both pictures are fully loaded.
+- ``docs/tensorboard_time_series.png``: the TIME SERIES tab at its default card width,
+  filtered the same way.
 - ``docs/tensorboard_scalars.png``: the SCALARS tab with the callback's curves
   (cosine between gradient and Soft Pullback, drift, counterfactual gains) and accuracy.
 """
@@ -37,7 +39,9 @@ from PIL import Image
 from sp_lightning.tensorboard_server import fetch, fetch_json, serve_tensorboard, wait_until
 
 DOCS = Path(__file__).resolve().parent
-OVERVIEW = "semantic_pullback/overview"
+SHOWN = ("semantic_pullback/overview", "semantic_pullback/probe_00")
+TAG_FILTER = "overview$|probe_00$"  # TensorBoard's tag filter is a regular expression
+HEIGHT = 1000
 SCALAR_FILTER = "gain$|cosine|drift|/acc"  # TensorBoard's tag filter is a regular expression
 WIDTH = 1400
 LOAD_TIMEOUT = 120.0
@@ -50,7 +54,7 @@ CHROMIUM_FLAGS = [  # quiet, offline, and able to run as root in a container
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python docs/screenshot.py", description=__doc__.splitlines()[0])
     parser.add_argument("--logdir", help="reuse this demo log directory (one run) instead of running the demo")
-    parser.add_argument("--out", default=str(DOCS), help="folder for tensorboard.png and tensorboard_scalars.png")
+    parser.add_argument("--out", default=str(DOCS), help="folder for the three PNGs")
     parser.add_argument("--chromium", help="Chromium executable (default: chromium or chromium-browser on PATH)")
     args = parser.parse_args(argv)
     args.chromium = args.chromium or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -74,33 +78,59 @@ def only_run(logdir: str) -> str:
     return runs[0]
 
 
-def last_overview(url: str, run: str) -> tuple[str, int, tuple[int, int]]:
-    """Query, step and (width, height) of the newest overview image TensorBoard serves for ``run``."""
-    wait_until(lambda: fetch_json(url, "data/plugin/images/tags").get(run, {}), lambda tags: OVERVIEW in tags,
-               LOAD_TIMEOUT, f"{OVERVIEW} of run {run!r}")
-    listed = fetch_json(url, "data/plugin/images/images", run=run, tag=OVERVIEW)
-    newest = max(listed, key=lambda image: image["step"])
-    picture = Image.open(io.BytesIO(fetch(url, "data/plugin/images/individualImage?" + newest["query"])))
-    return newest["query"], newest["step"], picture.size
+def newest_images(url: str, run: str) -> dict[str, tuple[int, tuple[int, int]]]:
+    """Tag -> (step, (width, height)) of the newest picture TensorBoard serves for each of :data:`SHOWN`."""
+    wait_until(lambda: fetch_json(url, "data/plugin/images/tags").get(run, {}),
+               lambda tags: all(tag in tags for tag in SHOWN), LOAD_TIMEOUT, f"{SHOWN} of run {run!r}")
+    newest = {}
+    for tag in SHOWN:
+        listed = fetch_json(url, "data/plugin/images/images", run=run, tag=tag)
+        if not listed:
+            raise RuntimeError(f"TensorBoard lists no pictures for {tag} of run {run!r}.")
+        last = max(listed, key=lambda image: image["step"])
+        picture = Image.open(io.BytesIO(fetch(url, "data/plugin/images/individualImage?" + last["query"])))
+        newest[tag] = (last["step"], picture.size)
+    return newest
+
+
+def wait_for_pictures(page: Any, count: int) -> list[dict[str, float]]:
+    """Wait until ``count`` pictures are fully loaded on ``page``; their on-screen boxes."""
+    pictures = page.locator("img")
+    wait_until(lambda: [pictures.nth(i).evaluate("img => img.complete && img.naturalWidth > 0")
+                        for i in range(pictures.count())],
+               lambda loaded: len(loaded) >= count and all(loaded), LOAD_TIMEOUT, f"{count} pictures on the page")
+    page.wait_for_load_state("networkidle")
+    return [pictures.nth(i).bounding_box() for i in range(count)]  # the first matches: the filtered category
 
 
 def screenshot_images(browser: Any, url: str, run: str, path: Path) -> None:
-    """The IMAGES tab, filtered to the overview at actual size, cropped below the first card."""
-    query, step, (width, height) = last_overview(url, run)
-    page = browser.new_page(viewport={"width": WIDTH, "height": height + 600})
-    page.goto(url + "#images&tagFilter=" + urllib.parse.quote(OVERVIEW.split("/")[-1]))
-    page.get_by_text("Show actual image size").click()
-    shown = page.locator(f'tf-image-loader img[src*="{query}"]').first
-    shown.wait_for(timeout=LOAD_TIMEOUT * 1000)
-    page.wait_for_load_state("networkidle")
-    natural = shown.evaluate("img => img.complete ? [img.naturalWidth, img.naturalHeight] : null")
-    box = shown.bounding_box()
-    if natural != [width, height] or box is None or round(box["width"]) != width:
-        raise RuntimeError(f"The page does not show the {width}x{height} overview of step {step} at actual size "
-                           f"(loaded: {natural}, on screen: {box}).")
-    page.screenshot(path=str(path), clip={"x": 0, "y": 0, "width": WIDTH, "height": box["y"] + box["height"] + 24})
+    """The IMAGES tab at its default settings, filtered to the overview and the first probe panel."""
+    newest = newest_images(url, run)
+    page = browser.new_page(viewport={"width": WIDTH, "height": HEIGHT})
+    page.goto(url + "#images&tagFilter=" + urllib.parse.quote(TAG_FILTER, safe=""))
+    boxes = wait_for_pictures(page, len(SHOWN))
+    bottom = max(box["y"] + box["height"] for box in boxes)
+    page.screenshot(path=str(path), clip={"x": 0, "y": 0, "width": WIDTH, "height": min(HEIGHT, bottom + 24)})
     page.close()
-    print(f"{path}: {OVERVIEW} at step {step} ({width}x{height}), {path.stat().st_size // 1024} KB")
+    shown = ", ".join(f"{tag} step {step} ({w}x{h}) shown {box['width']:.0f} px wide"
+                      for (tag, (step, (w, h))), box in zip(newest.items(), boxes))
+    print(f"{path}: {shown}, {path.stat().st_size // 1024} KB")
+
+
+def screenshot_time_series(browser: Any, url: str, run: str, path: Path) -> None:
+    """The TIME SERIES tab at its default card width, filtered to the overview and the first probe panel."""
+    newest_images(url, run)
+    page = browser.new_page(viewport={"width": WIDTH, "height": HEIGHT})
+    page.goto(url + "#timeseries")
+    box = page.get_by_role("combobox", name="Filter tags (regex)")
+    box.fill(TAG_FILTER)
+    box.press("Escape")  # close the tag suggestions over the cards
+    boxes = wait_for_pictures(page, len(SHOWN))
+    bottom = max(box["y"] + box["height"] for box in boxes)
+    page.screenshot(path=str(path), clip={"x": 0, "y": 0, "width": WIDTH, "height": min(HEIGHT, bottom + 40)})
+    page.close()
+    sizes = ", ".join(f"{box['width']:.0f}x{box['height']:.0f}" for box in boxes)
+    print(f"{path}: {len(boxes)} image cards shown at {sizes} px, {path.stat().st_size // 1024} KB")
 
 
 def screenshot_scalars(browser: Any, url: str, run: str, path: Path) -> None:
@@ -139,6 +169,7 @@ def capture(logdir: str, out: Path, chromium: str) -> None:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         try:
             screenshot_images(browser, url, run, out / "tensorboard.png")
+            screenshot_time_series(browser, url, run, out / "tensorboard_time_series.png")
             screenshot_scalars(browser, url, run, out / "tensorboard_scalars.png")
         finally:
             browser.close()
