@@ -31,7 +31,11 @@ Tables go to ``results.md`` and ``results.csv`` (with chance levels). TensorBoar
 gets one run directory per variant, so every tag shows the variants on one chart:
 ``study/<measure>`` after every epoch on the validation split (the probe), and
 ``final/<measure>`` at the end on the test split, next to the classifier's own
-``train/*``/``val/*`` curves and the callback's ``soft_training/tau_*``.
+``train/*``/``val/*`` curves and the callback's ``soft_training/tau_*``. Each run's
+IMAGES tab shows ``SemanticPullbackCallback``'s panels of the same six validation
+images (one per shape) before training and after every epoch: how each variant's
+gradient and Soft Pullbacks change as it trains (``train_seconds`` includes these logs,
+the same work for every variant).
 
     python examples/soft_training_study.py             # the study (about 10 minutes on a 2-core CPU)
     python examples/soft_training_study.py --quick     # smoke run (seconds)
@@ -55,7 +59,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-from sp_lightning import Gradient, SoftBackwardTraining, SoftPullback
+from sp_lightning import Gradient, SemanticPullbackCallback, SoftBackwardTraining, SoftPullback
 from sp_lightning.data import ShapesDataModule
 from sp_lightning.demo import LOCALISATION_METRICS, torch_threads
 from sp_lightning.metrics import ExplanationScores, FaithfulnessCorrelation, MetricFactory, RandomLogit
@@ -134,7 +138,7 @@ def train_variant(name: str, args: argparse.Namespace, data: ShapesDataModule) -
     model = ImageClassifier(data.num_classes, backbone="small_cnn", lr=args.lr, scheduler="cosine")
     settings = VARIANTS[name]
     measures = StudyMeasures()
-    callbacks: list[Callback] = [measures]
+    callbacks: list[Callback] = [measures, SemanticPullbackCallback(num_images=data.num_classes)]
     if settings is not None:
         callbacks.insert(0, SoftBackwardTraining(**settings))
     trainer = pl.Trainer(

@@ -3,11 +3,14 @@
     python examples/timm_vit.py --arch vit     # ViT-Tiny, 8x8 patches on 64x64 images
     python examples/timm_vit.py --arch pvt     # PVT-v2-b0 (spatial-reduction attention)
     python examples/timm_vit.py --tiny         # two tiny batches (smoke test)
+    tensorboard --logdir runs/timm             # IMAGES tab: the Semantic Pullbacks, epoch by epoch
 
 Any timm model works the same way: ``ImageClassifier(backbone="timm:<name>",
 backbone_kwargs={...})`` passes the keyword arguments to ``timm.create_model``.
 Transformers learn slowly from scratch on small data; expect lower accuracy
-than the small CNN for the same budget.
+than the small CNN for the same budget. ``SemanticPullbackCallback`` explains
+``--probe-images`` fixed validation images (six: one per shape) before training and
+after every epoch; its soft rules reach the attention layers (fused attention included).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import argparse
 from collections.abc import Sequence
 
 from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.loggers import TensorBoardLogger
 
+from sp_lightning import SemanticPullbackCallback
 from sp_lightning.data import ShapesDataModule
 from sp_lightning.models import ImageClassifier
 
@@ -29,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--logdir", default="runs/timm", help="where logs and checkpoints go")
+    parser.add_argument("--probe-images", type=int, default=6, help="images SemanticPullbackCallback explains")
     parser.add_argument("--tiny", action="store_true", help="two tiny batches (smoke test)")
     args = parser.parse_args(argv)
     seed_everything(0)
@@ -44,8 +50,14 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
         weight_decay=0.05,
         scheduler="cosine",
     )
-    # --tiny: Lightning's fast_dev_run (two batches of each loop, no logs or checkpoints)
-    trainer = Trainer(max_epochs=args.epochs, default_root_dir=args.logdir, fast_dev_run=2 if args.tiny else False)
+    # --tiny: two batches of each loop in one epoch
+    budget = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=2, limit_test_batches=2)
+    trainer = Trainer(
+        **(budget if args.tiny else dict(max_epochs=args.epochs)),
+        default_root_dir=args.logdir,
+        logger=TensorBoardLogger(args.logdir),
+        callbacks=[SemanticPullbackCallback(num_images=args.probe_images)],
+    )
     trainer.fit(model, data)
     trainer.test(model, data)
     return trainer

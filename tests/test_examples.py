@@ -1,4 +1,4 @@
-"""Every example runs at a tiny budget (CIFAR-10 from files the test writes)."""
+"""Every example runs at a tiny budget (CIFAR-10 from files the test writes) and logs Semantic Pullbacks."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from _examples_support import assert_pullbacks_logged
 from fake_datasets import write_cifar10
 from lightning.pytorch import Trainer
 
@@ -20,28 +21,31 @@ def _load(name: str) -> ModuleType:
     return module
 
 
-def _assert_trained_and_tested(trainer: Trainer, steps: int) -> None:
+def _assert_trained_and_tested(trainer: Trainer, steps: int, probe_images: int) -> None:
     assert trainer.state.finished and trainer.global_step == steps  # trained (then tested)
     assert 0.0 <= float(trainer.callback_metrics["test/acc"]) <= 1.0
+    # the callback explained its probe images before training (step 0) and after the one epoch
+    assert_pullbacks_logged(trainer.logger.log_dir, steps=[0, steps], num_images=probe_images)
 
 
 def test_shapes_example(tmp_path: Path) -> None:
     trainer = _load("shapes").main(["--tiny", "--logdir", str(tmp_path)])
-    _assert_trained_and_tested(trainer, steps=1)  # 32 images, batches of 32
+    _assert_trained_and_tested(trainer, steps=1, probe_images=6)  # 32 images, batches of 32; one per shape
 
 
 def test_cifar10_resnet_example(tmp_path: Path) -> None:
     write_cifar10(tmp_path / "data", per_batch=8)
-    argv = ["--tiny", "--data-dir", str(tmp_path / "data"), "--val-size", "8", "--logdir", str(tmp_path / "runs")]
+    argv = ["--tiny", "--data-dir", str(tmp_path / "data"), "--val-size", "8", "--probe-images", "2"]
+    argv += ["--logdir", str(tmp_path / "runs")]
     trainer = _load("cifar10_resnet").main(argv)
-    _assert_trained_and_tested(trainer, steps=2)
+    _assert_trained_and_tested(trainer, steps=2, probe_images=2)
     assert trainer.lightning_module.hparams.backbone == "torchvision:resnet18"
 
 
 @pytest.mark.parametrize("arch", ["vit", "pvt"])
 def test_timm_transformer_example(arch: str, tmp_path: Path) -> None:
-    trainer = _load("timm_vit").main(["--tiny", "--arch", arch, "--logdir", str(tmp_path)])
-    _assert_trained_and_tested(trainer, steps=2)
+    trainer = _load("timm_vit").main(["--tiny", "--arch", arch, "--probe-images", "2", "--logdir", str(tmp_path)])
+    _assert_trained_and_tested(trainer, steps=2, probe_images=2)
     assert trainer.lightning_module.hparams.backbone.startswith("timm:")
 
 

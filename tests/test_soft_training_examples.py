@@ -10,8 +10,9 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from _examples_support import assert_pullbacks_logged
 
-from sp_lightning import SoftBackwardTraining
+from sp_lightning import SemanticPullbackCallback, SoftBackwardTraining
 
 ROOT = Path(__file__).parents[1]
 
@@ -63,6 +64,9 @@ def test_study_quick_run_writes_its_tables(tmp_path: Path) -> None:
     constant = [v for _, v in logged["soft_constant"]["soft_training/tau_relu"]]
     annealed = [v for _, v in logged["soft_annealed"]["soft_training/tau_relu"]]
     assert len(constant) == len(annealed) == 2 and constant[0] == constant[1] == annealed[0] > annealed[1]
+    # Each run also shows SemanticPullbackCallback's panels, one probe image per shape, before and after the epoch.
+    for row in rows:
+        assert_pullbacks_logged(tmp_path / row["variant"], steps=[0, 2], num_images=6)
 
 
 def test_slurm_example_config_trains_locally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,7 +77,7 @@ def test_slurm_example_config_trains_locally(tmp_path: Path, monkeypatch: pytest
         [
             "fit",
             "--config", str(ROOT / "examples" / "slurm" / "config.yaml"),
-            "--config", str(ROOT / "callbacks" / "soft_training.yaml"),
+            "--config", str(ROOT / "callbacks" / "soft_training_with_explanations.yaml"),
             "--trainer.accelerator=cpu",
             "--trainer.strategy=auto",
             "--trainer.devices=1",
@@ -86,5 +90,9 @@ def test_slurm_example_config_trains_locally(tmp_path: Path, monkeypatch: pytest
         ]
     )  # fmt: skip
     assert any(isinstance(c, SoftBackwardTraining) for c in cli.trainer.callbacks)
+    assert any(isinstance(c, SemanticPullbackCallback) for c in cli.trainer.callbacks)
     assert cli.trainer.global_step == 2  # 64 images, batch 64, 2 epochs
     assert "soft_training/tau_relu" in cli.trainer.logged_metrics
+    # the explanations of the 8 probe images: before training and after each epoch
+    assert_pullbacks_logged(cli.trainer.logger.log_dir, steps=[0, 1, 2], num_images=8)
+    assert scalars(cli.trainer.logger.log_dir)["semantic_pullback/metrics/random_logit"]

@@ -1,6 +1,6 @@
 """LightningCLI entry point for the SLURM example (any importable model/data class path works).
 
-    python examples/slurm/train.py fit --config examples/slurm/config.yaml --config callbacks/soft_training.yaml
+    python examples/slurm/train.py fit --config examples/slurm/config.yaml --config callbacks/soft_training_with_explanations.yaml
 
 On a cluster, ``soft_training.sbatch`` starts one copy per GPU with ``srun``;
 Lightning reads the SLURM environment (ranks, master address) by itself.
