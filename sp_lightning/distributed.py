@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch.distributed as dist
 
@@ -28,3 +29,12 @@ def releasing_process_group() -> Iterator[None]:
     finally:
         if not existed and _group_exists():
             dist.destroy_process_group()
+
+
+def gather_objects(payload: Any, world_size: int) -> list[Any]:
+    """Every rank's picklable ``payload`` on every rank, in rank order (one collective all ranks must reach)."""
+    if world_size == 1 or not _group_exists():
+        return [payload]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, payload)
+    return gathered

@@ -96,16 +96,16 @@ class BlobData(pl.LightningDataModule):
 
 
 class DictDataset(Dataset):
-    """Samples as dicts ``{"image": ..., "label": ...}``."""
+    """Samples as dicts ``{"image": ..., label_key: ...}``."""
 
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
-        self.images, self.labels = images, labels
+    def __init__(self, images: Tensor, labels: Tensor, label_key: str = "label") -> None:
+        self.images, self.labels, self.label_key = images, labels, label_key
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return {"image": self.images[index], "label": self.labels[index]}
+        return {"image": self.images[index], self.label_key: self.labels[index]}
 
 
 def trainer_kwargs(tmp_path: Any, **overrides: Any) -> dict[str, Any]:

@@ -23,13 +23,15 @@ from callback_support import (  # noqa: F401  (one_thread is a fixture)
     trainer_kwargs,
 )
 from sp_lightning import SemanticPullbackCallback, SoftPullback
-from sp_lightning.callbacks import Explanations
-from sp_lightning.callbacks.semantic_pullback import METRICS
-from sp_lightning.visualize import reduce_channels
+from sp_lightning.callbacks.writer import PanelWriter
+from sp_lightning.probe import Explanations
+from sp_lightning.sinks import ImageSink
+from sp_lightning.probe import METRICS
+from sp_lightning.probe import reduce_channels
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
-    pytest.mark.filterwarnings("ignore:SemanticPullbackCallback found no TensorBoardLogger"),
+    pytest.mark.filterwarnings("ignore:No logger of this run shows images"),
 ]
 
 
@@ -72,7 +74,8 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path) -> No
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         failing, _ = train(tmp_path / "failing", [SemanticPullbackCallback(num_images=2)], fail=True)
-    assert len(list((tmp_path / "watched" / "often" / "probe_00").iterdir())) == 13  # step 0 and steps 1..12
+    (run,) = (tmp_path / "watched" / "semantic_pullback_logs").iterdir()  # no logger: one fresh run directory
+    assert len(list((run / "often" / "probe_00").iterdir())) == 13  # step 0 and steps 1..12
     for model in (watched, failing):
         state, ref_state = model.state_dict(), reference.state_dict()  # weights and BatchNorm statistics
         assert state.keys() == ref_state.keys()
@@ -149,10 +152,11 @@ def test_logging_from_a_validation_hook_under_inference_mode(tmp_path) -> None:
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(tmp_path))
     model, data = TinyClassifier(), BlobData()
     trainer.fit(model, datamodule=data)
-    assert not (tmp_path / "semantic_pullback").exists()
+    assert not (tmp_path / "semantic_pullback_logs").exists()
     trainer.validate(model, datamodule=data, verbose=False)
     assert callback.inference_mode
-    assert (tmp_path / "semantic_pullback" / "overview" / "step_00000004.png").is_file()
+    (run,) = (tmp_path / "semantic_pullback_logs").iterdir()
+    assert (run / "semantic_pullback" / "overview" / "step_00000004.png").is_file()
 
 
 def live_tensors() -> tuple[int, int]:
@@ -169,7 +173,12 @@ def test_memory_stays_flat_over_100_calls(tmp_path) -> None:
     trainer.fit(TinyClassifier(), datamodule=BlobData())
     model = trainer.lightning_module
     written: list[int] = []
-    callback._write = lambda trainer, step, panels: written.append(len(panels))  # skip PNG encoding: slow, not ours
+
+    class Counting(ImageSink):
+        def log_images(self, images: Any, step: int, caption: str) -> None:
+            written.append(len(images))
+
+    callback._writer = PanelWriter([Counting()], None, background=True)  # no files: encoding them is slow, not ours
 
     def call() -> None:
         callback._last_step = None  # allow another log at the same step
@@ -177,11 +186,13 @@ def test_memory_stays_flat_over_100_calls(tmp_path) -> None:
 
     for _ in range(3):
         call()
-    callback.wait()  # images are drawn on a background thread: count tensors with none in flight
+    # Images are drawn on a background thread: count tensors with none in flight, the thread joined
+    # (it drops its last frame just after finishing it). The next log starts a new thread.
+    assert callback._writer.close() is None
     before = live_tensors()
     for _ in range(100):
         call()
-    callback.wait()
+    assert callback._writer.close() is None
     assert live_tensors() == before
     assert written == [2] * 103  # every call explained and drew its panels
     assert not any(p.grad is not None for p in model.parameters())
@@ -235,7 +246,8 @@ def test_logits_from_an_attribute_model(tmp_path) -> None:
     pl.Trainer(callbacks=[callback], **trainer_kwargs(tmp_path, limit_train_batches=1)).fit(
         LossForward(), datamodule=BlobData()
     )
-    assert (tmp_path / "semantic_pullback" / "overview" / "step_00000000.png").is_file()
+    (run,) = (tmp_path / "semantic_pullback_logs").iterdir()
+    assert (run / "semantic_pullback" / "overview" / "step_00000000.png").is_file()
 
 
 class Data(pl.LightningDataModule):

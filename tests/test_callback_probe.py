@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import numpy
 import pytest
@@ -10,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from callback_support import DictDataset, blob_images, one_thread  # noqa: F401  (fixture)
-from sp_lightning.callbacks import default_batch_fn, select_probe
-from sp_lightning.callbacks.probe import balanced_pick, isolated_rng, validate_probe
+from sp_lightning.probe import default_batch_fn, select_probe
+from sp_lightning.probe import ProbeSet
+from sp_lightning.probe.selection import balanced_pick, isolated_rng, read_probe, resumed_probe, validate_probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,7 +117,11 @@ def test_default_batch_fn_formats() -> None:
     x, y = torch.rand(4, 3, 2, 2), torch.arange(4)
     assert default_batch_fn(x) == (x, None)
     assert default_batch_fn((x, y))[1] is y
-    assert default_batch_fn([x, y.float()])[1] is None  # not class indices (e.g. regression targets)
+    assert torch.equal(default_batch_fn([x, y.float()])[1], y)  # whole-number floats are class indices
+    assert default_batch_fn([x, y.float() + 0.5])[1] is None  # fractions are not (e.g. regression targets)
+    assert torch.equal(default_batch_fn((x, torch.eye(4)[y]))[1], y)  # one-hot rows
+    assert default_batch_fn((x, torch.full((4, 4), 0.25)))[1] is None  # soft labels (mixup)
+    assert torch.equal(default_batch_fn({"image": x, "label": torch.eye(4)[y].long()})[1], y)
     assert default_batch_fn({"pixel_values": x, "labels": y}) == (x, y)
     with pytest.raises(KeyError, match="batch_fn"):
         default_batch_fn({"foo": x})
@@ -149,3 +155,55 @@ def test_isolated_rng_restores_after_errors() -> None:
         torch.rand(3), random.random(), numpy.random.rand()
         raise RuntimeError("boom")
     _assert_same_rng(before, _rng_states())
+
+
+@pytest.mark.parametrize(
+    ("dataset", "reason"),
+    [
+        (lambda x, y: DictDataset(x, y, label_key="cls"), r"no label key among .*its keys: \['cls', 'image'\]"),
+        (lambda x, y: TensorDataset(x, y.float() / 2), r"second element \(shape \(1,\), dtype torch.float32\)"),
+        (lambda x, y: TensorDataset(x, torch.rand(len(y), 4)), r"second element .*one-hot rows"),
+    ],
+)
+def test_labels_the_default_batch_fn_cannot_read_are_reported(dataset, reason: str) -> None:
+    images, labels = blob_images(12)
+    loader = DataLoader(dataset(images, labels), batch_size=4)
+    with pytest.warns(UserWarning, match="probe set has no labels because .*" + reason + ".*batch_fn"):
+        probe = select_probe(loader, 4, seed=0)
+    assert probe.labels is None
+
+
+def test_plainly_unlabelled_data_selects_without_a_warning() -> None:
+    images, _ = blob_images(12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select_probe(DataLoader(TensorDataset(images), batch_size=4), 4, seed=0).labels is None
+
+
+def test_a_batch_fn_returning_one_value_is_a_clear_error() -> None:
+    images, labels = blob_images(12)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    with pytest.raises(TypeError, match=r"batch_fn must return a pair \(images, labels or None\), got Tensor"):
+        select_probe(loader, 4, seed=0, batch_fn=lambda batch: batch[0])
+    with pytest.raises(TypeError, match="got tuple of length 3"):
+        select_probe(loader, 4, seed=0, batch_fn=lambda batch: (batch[0], batch[1], None))
+
+
+def test_user_labels_must_be_whole_class_indices() -> None:
+    images = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"labels must be whole class indices, got \[0.6, 1.7\]"):
+        read_probe(images, [0.6, 1.7])
+    assert read_probe(images, [1.0, 3.0]).labels.tolist() == [1, 3]
+
+
+def test_a_resumed_run_keeps_the_saved_probe_set_unless_the_arguments_changed() -> None:
+    saved = ProbeSet(torch.rand(4, 3, 8, 8), torch.arange(4))
+    assert resumed_probe(saved, None, 4) == (saved, None)
+    assert resumed_probe(None, None, 4) == (None, None)
+    probe, why = resumed_probe(saved, None, 6)
+    assert probe is None and why == "num_images=6 differs from the 4 images saved in the checkpoint"
+    user = ProbeSet(torch.rand(2, 3, 8, 8), None)
+    probe, why = resumed_probe(saved, user, 4)
+    assert probe is user and "images=... given differ" in why
+    same = ProbeSet(saved.images.clone(), saved.labels.clone())
+    assert resumed_probe(saved, same, 8) == (same, None)
