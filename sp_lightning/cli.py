@@ -3,6 +3,7 @@
 Examples::
 
     sp-lightning fit                                    # small CNN on the synthetic shapes
+    sp-lightning tensorboard lightning_logs             # watch it, every logged step kept
     sp-lightning fit --config configs/shapes.yaml --config callbacks/ddp.yaml
     sp-lightning fit --model.init_args.backbone timm:resnet18 --data CIFAR10DataModule
 
@@ -15,11 +16,15 @@ Callbacks go under ``trainer.callbacks`` (recipes live in ``callbacks/``).
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
+
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from .data import ImageDataModule, ShapesDataModule
 from .distributed import releasing_process_group
 from .models import ImageClassifier
+from .tensorboard_server import run_tensorboard
 
 
 class SPLightningCLI(LightningCLI):
@@ -52,10 +57,17 @@ def run_cli(args: ArgsType = None, run: bool = True) -> SPLightningCLI:
     )
 
 
-def main() -> None:
-    """Entry point of the ``sp-lightning`` console command; releases the process group DDP started."""
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``sp-lightning`` console command; releases the process group DDP started.
+
+    ``sp-lightning tensorboard LOGDIR`` opens a log directory in TensorBoard; every other
+    subcommand is LightningCLI's.
+    """
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["tensorboard"]:
+        sys.exit(run_tensorboard(words[1:]))
     with releasing_process_group():
-        run_cli()
+        run_cli(None if argv is None else words)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

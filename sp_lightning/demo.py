@@ -28,6 +28,7 @@ from .callbacks import SemanticPullbackCallback
 from .explainers import Explainer, Gradient, SoftPullback
 from .metrics import ExplanationScores, MetricFactory, PointingGame, RelevanceMass
 from .models import ImageClassifier
+from .tensorboard_server import tensorboard_command
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     print(f"  {'explanation':<15}{'pointing game':>15}{'relevance on object':>22}")
     for name, score in scores.items():
         print(f"  {name:<15}{score.pointing:>15.1%}{score.mass:>22.1%}")
-    print(f"Done in {time.perf_counter() - start:.0f} s. Explore the run:  tensorboard --logdir {args.logdir}")
+    print(f"Done in {time.perf_counter() - start:.0f} s. Explore the run:  {tensorboard_command(args.logdir)}")
     return {"accuracy": accuracy, "localisation": scores, "object_share": object_share, "logdir": logger.log_dir}
 
 

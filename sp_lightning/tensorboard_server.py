@@ -1,4 +1,4 @@
-"""Run a real TensorBoard server on a log directory and read its HTTP data API.
+"""Run a real TensorBoard server on a log directory (``sp-lightning tensorboard``) and read its HTTP data API.
 
 TensorBoard is where people watch the callback's explanations, so the suite
 checks what TensorBoard itself serves (``tests/test_tensorboard_served.py``)
@@ -25,18 +25,42 @@ T = TypeVar("T")
 
 _SERVING = re.compile(r"TensorBoard \S+ at (http://\S+?/)")
 
+#: TensorBoard keeps 10 images per tag unless told otherwise, dropping random steps of a long
+#: time-lapse (the step-0 baseline too). A large count keeps every one; ``images=0``, documented
+#: as "keep all", makes TensorBoard 2.21's default data server keep none.
+KEEP_EVERY_IMAGE = ("--samples_per_plugin", "images=100000")
+
+
+def tensorboard_command(logdir: str) -> str:
+    """The shell command that opens ``logdir`` in TensorBoard keeping every logged image."""
+    return f"sp-lightning tensorboard {logdir}"
+
+
+def run_tensorboard(argv: Sequence[str]) -> int:
+    """``sp-lightning tensorboard LOGDIR [tensorboard options]``: TensorBoard on LOGDIR, every image kept."""
+    if not argv or argv[0].startswith("-"):
+        print("usage: sp-lightning tensorboard LOGDIR [other tensorboard options, e.g. --port 6007]\n"
+              f"Runs `tensorboard --logdir LOGDIR {' '.join(KEEP_EVERY_IMAGE)}`, so every logged step of the "
+              "time-lapse is kept (TensorBoard's default keeps 10 per tag).", file=sys.stderr)
+        return 2
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", argv[0], *KEEP_EVERY_IMAGE, *argv[1:]]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
 
 @contextmanager
 def serve_tensorboard(
     logdir: str, timeout: float = 60.0, extra_args: Sequence[str] = ()
 ) -> Iterator[str]:
-    """Run ``tensorboard --logdir logdir`` on 127.0.0.1 (a free port) and yield its base URL.
+    """Run ``tensorboard --logdir logdir`` (every image kept) on 127.0.0.1 (a free port) and yield its base URL.
 
     The server runs as a subprocess of this Python (``python -m tensorboard.main``) and is
     stopped on exit, also after an exception. Raises ``RuntimeError`` with the server's
     output when it exits early or does not serve within ``timeout`` seconds.
     """
-    command = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir,
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, *KEEP_EVERY_IMAGE,
                "--host", "127.0.0.1", "--port", "0", *extra_args]
     with tempfile.TemporaryFile("w+") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import os
 import subprocess
@@ -16,7 +17,9 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor
 
-from sp_lightning.cli import run_cli
+import sp_lightning.tensorboard_server as server
+from sp_lightning import SemanticPullbackCallback
+from sp_lightning.cli import main, run_cli
 from sp_lightning.data import CIFAR10DataModule, ShapesDataModule
 from sp_lightning.models import ImageClassifier
 
@@ -142,3 +145,30 @@ def test_every_recipe_runs_at_a_tiny_budget(recipe: Path, tmp_path: Path) -> Non
     data = effective["data"]["init_args"]
     per_process = math.ceil(data["train_size"] / devices)
     assert checkpoint["global_step"] == math.ceil(per_process / data["batch_size"]) * effective["trainer"]["max_epochs"]
+
+
+def test_help_describes_every_callback_argument() -> None:
+    """``--trainer.callbacks.help SemanticPullbackCallback`` shows each argument's description from the docstring."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sp_lightning.cli", "fit", "--trainer.callbacks.help", "SemanticPullbackCallback"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in inspect.signature(SemanticPullbackCallback).parameters:
+        line = next((ln for ln in result.stdout.splitlines() if f"--init_args.{name} " in ln), None)
+        assert line is not None, name
+    assert "how many probe images to take from the validation dataloader" in " ".join(result.stdout.split())
+    assert "keep an animated time-lapse file per probe image" in " ".join(result.stdout.split())
+
+
+def test_tensorboard_subcommand_keeps_every_image(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(server.subprocess, "call", lambda command: calls.append(command) or 0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tensorboard", "runs/x", "--port", "6007"])
+    assert exit_info.value.code == 0
+    assert calls == [[sys.executable, "-m", "tensorboard.main", "--logdir", "runs/x",
+                      "--samples_per_plugin", "images=100000", "--port", "6007"]]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tensorboard"])
+    assert exit_info.value.code == 2 and "usage: sp-lightning tensorboard LOGDIR" in capsys.readouterr().err
