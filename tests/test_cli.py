@@ -155,7 +155,7 @@ def test_help_describes_every_callback_argument() -> None:
     )
     assert result.returncode == 0, result.stderr
     for name in inspect.signature(SemanticPullbackCallback).parameters:
-        line = next((ln for ln in result.stdout.splitlines() if f"--init_args.{name} " in ln), None)
+        line = next((ln for ln in result.stdout.splitlines() if ln.strip().startswith(f"--trainer.callbacks.{name} ")), None)
         assert line is not None, name
     assert "how many probe images to take from the validation dataloader" in " ".join(result.stdout.split())
     assert "keep an animated time-lapse file per probe image" in " ".join(result.stdout.split())
