@@ -142,6 +142,14 @@ def test_difference_image_is_grey_centred_and_scaled_per_image() -> None:
 # ------------------------------------------------------------------ layout
 
 
+
+def test_difference_image_shows_a_change_next_to_one_outlier() -> None:
+    delta = torch.full((3, 20, 20), 0.01)
+    delta[:, 0, 0] = 10.0  # one pixel changed a thousand times more than the rest
+    out = colour.difference_image(delta)
+    assert float(out[:, 0, 0].min()) == 1.0  # the outlier saturates
+    assert float((out[:, 1:, :] - 0.5).abs().min()) > 0.4  # and every other pixel still shows its change
+
 def test_display_sizes_are_readable() -> None:
     assert layout.display_size(16, 16) == (128, 128)
     assert layout.display_size(28, 20) == (140, 100)  # integer factor 5 on the longer side

@@ -129,7 +129,11 @@ def heatmap(
 
 
 def difference_image(delta: Tensor) -> Tensor:
-    """Show a change ``(..., C, H, W)`` as grey-centred RGB, scaled per image: grey 0.5 means no change."""
-    peak = delta.flatten(-3).abs().amax(dim=-1).clamp_min(torch.finfo(delta.dtype).tiny)
-    scaled = delta / peak.view(*peak.shape, 1, 1, 1)
+    """Show a change ``(..., C, H, W)`` as grey-centred RGB: grey 0.5 means no change.
+
+    Scaled per image like the heatmaps (:func:`robust_scale` over all of its values), so a
+    counterfactual's few strongest pixels do not leave the rest of the change invisible.
+    """
+    scale = robust_scale(delta.flatten(-3)[..., None])
+    scaled = (delta / scale.view(*scale.shape, 1, 1, 1)).clamp(-1.0, 1.0)
     return flag_non_finite(to_rgb(0.5 + 0.5 * scaled).clamp(0.0, 1.0))
