@@ -32,7 +32,7 @@ from torch import nn
 
 from bench_engine import add_compile_option, allocator_peak_mib, use_compile_option
 from sp_lightning import DEFAULT_TEMPERATURES, SoftRules
-from sp_lightning.mode import SoftBackwardMode
+from sp_lightning.engine import SoftBackwardMode
 
 MODELS = ("resnet18", "vit_tiny_patch16_224")
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}

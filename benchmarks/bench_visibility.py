@@ -28,7 +28,7 @@ import torchvision
 
 from sp_lightning.display.panels import Frame, PanelStyle, render_panels
 from sp_lightning.probe.explain import ExplainSettings, explain_probe
-from sp_lightning.rules.config import SoftRules
+from sp_lightning.engine import SoftRules
 
 SIZE = 160
 TINT = 0.15

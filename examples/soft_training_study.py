@@ -1,4 +1,4 @@
-"""Does soft-backward training make a network more interpretable? (SPEC section 5, open question 3)
+"""Does soft-backward training make a network more interpretable? (docs/method.md section 5, open question 3)
 
 Trains the library's small CNN (``ImageClassifier(backbone="small_cnn")``, AdamW,
 cosine learning-rate decay) on the synthetic shapes (``ShapesDataModule``: every

@@ -1,21 +1,28 @@
 """sp-lightning: Semantic Pullbacks for PyTorch Lightning."""
 
 from .callbacks import SemanticPullbackCallback, SoftBackwardTraining
-from .context import SoftBackward, soft_backward
-from .coverage import CoverageReport, coverage_report
+from .engine import (
+    DEFAULT_TEMPERATURES,
+    CoverageReport,
+    SoftBackward,
+    SoftRules,
+    UncoveredGatedOpWarning,
+    coverage_report,
+    soft_backward,
+)
 from .explainers import (
     AscentResult,
     DoublePullback,
     Explainer,
     Gradient,
     GradientAscent,
+    NonFiniteWarning,
     PullbackAscent,
     SmoothGrad,
     SmoothPullback,
     SoftPullback,
     equivalent_alpha,
 )
-from .rules import DEFAULT_TEMPERATURES, SoftRules, UncoveredGatedOpWarning
 from .schedule import RuleSchedules, TemperatureSchedule
 
 __version__ = "0.1.0"
@@ -28,6 +35,7 @@ __all__ = [
     "Explainer",
     "Gradient",
     "GradientAscent",
+    "NonFiniteWarning",
     "PullbackAscent",
     "RuleSchedules",
     "SemanticPullbackCallback",

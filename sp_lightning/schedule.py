@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
-from .rules.config import UNTEMPERED_RULES, MaxPoolPadding, SoftRules
+from .engine import UNTEMPERED_RULES, MaxPoolPadding, SoftRules
 
 ScheduleKind = Literal["constant", "linear", "cosine"]
 ScheduleUnit = Literal["step", "epoch"]

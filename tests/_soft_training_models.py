@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.overrides import _get_current_function_mode_stack
 from torch.utils.data import DataLoader, TensorDataset
 
-from sp_lightning.mode import SoftBackwardMode
+from sp_lightning.engine import SoftBackwardMode
 
 
 def active_relu_tau() -> float | None:
@@ -118,7 +118,7 @@ def trainer(**kwargs: Any) -> pl.Trainer:
 def mlp_grads(weights: Sequence[Tensor], x: Tensor, y: Tensor, tau: float | None) -> list[Tensor]:
     """Hand-computed gradients of mean cross-entropy for a Linear-ReLU-Linear net with ``weights`` [W1, b1, W2, b2].
 
-    The backward through the ReLU uses Phi(h / tau) (the soft rule, SPEC section 2)
+    The backward through the ReLU uses Phi(h / tau) (the soft rule, docs/method.md section 2)
     or, with ``tau=None``, the hard gate 1[h > 0]. Returns [dW1, db1, dW2, db2].
     """
     w1, b1, w2, b2 = (p.detach() for p in weights)

@@ -2,8 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+
+class Lambda(nn.Module):
+    """A module whose forward is an arbitrary function (so soft_backward can scope to it)."""
+
+    def __init__(self, fn: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: Tensor) -> Tensor:
+        return self.fn(*args)
+
+
+@contextmanager
+def float64_default() -> Iterator[None]:
+    """Compare formulas in float64 (restored afterwards so other modules are unaffected)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def snapshot(model: nn.Module) -> dict:

@@ -49,7 +49,7 @@ def test_demo_runs_and_reports_accuracy_and_localisation(tmp_path: Path, capsys:
     for score in result["localisation"].values():
         assert 0.0 <= score.pointing <= 1.0 and 0.0 < score.mass < 1.0
     assert f"Validation accuracy: {result['accuracy']:.1%}" in out
-    assert f"tensorboard --logdir {tmp_path}" in out
+    assert f"Explore the run:  sp-lightning tensorboard {tmp_path}" in out  # keeps every step
     assert any(Path(result["logdir"]).glob("events.out.tfevents.*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -1,4 +1,4 @@
-"""Explainers: call shape, shared work for several targets, and the SPEC's definitions."""
+"""Explainers: call shape, shared work for several targets, and the method's definitions."""
 
 from __future__ import annotations
 

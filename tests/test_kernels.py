@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from sp_lightning import SoftPullback
-from sp_lightning.rules import kernels, pooling
-from sp_lightning.rules.kernels import CompiledKernel
+from sp_lightning.engine.rules import kernels, pooling
+from sp_lightning.engine.rules.kernels import CompiledKernel
 
 
 class Block(nn.Module):

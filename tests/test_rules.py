@@ -1,4 +1,4 @@
-"""Each soft rule's VJP against its SPEC formula, computed independently (float64)."""
+"""Each soft rule's VJP against its formula in docs/method.md, computed independently (float64)."""
 
 from __future__ import annotations
 
@@ -13,29 +13,17 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from _support import Lambda, float64_default
+
 from sp_lightning import SoftRules, UncoveredGatedOpWarning, coverage_report, soft_backward
-from sp_lightning.rules.gates import TINY
+from sp_lightning.engine.rules.interface import TINY
 
 
 
 @pytest.fixture(autouse=True)
 def float64() -> Iterator[None]:
-    """Compare formulas in float64 (restored afterwards so other modules are unaffected)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-class Lambda(nn.Module):
-    """A module whose forward is an arbitrary function (so soft_backward can scope to it)."""
-
-    def __init__(self, fn: Callable[..., Tensor]) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args: Tensor) -> Tensor:
-        return self.fn(*args)
+    with float64_default():
+        yield
 
 
 def vjp(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], v: Tensor, temperatures: dict | None = None,
@@ -578,3 +566,24 @@ def test_param_grads_off_skips_parameter_gradients_only(x: Tensor, v: Tensor) ->
     assert g_weight is None
     _, (expected,) = vjp(ln, (x,), v)
     torch.testing.assert_close(g_input, expected)
+
+
+def test_maxpool_output_changed_in_place_afterwards() -> None:
+    """``x = pool(x); x += skip`` (as in Xception) is allowed by the plain max-pool; the soft rule recomputes
+    the pooled output it needs instead of failing, and matches the out-of-place form."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    skip = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    def run(in_place: bool) -> Tensor:
+        leaf = x.clone().requires_grad_(True)
+
+        def fn(t: Tensor) -> Tensor:
+            pooled = F.max_pool2d(t, 3, 2, 1)
+            return (pooled.add_(skip) if in_place else pooled + skip).relu()
+
+        model = Lambda(fn)
+        with soft_backward(model):
+            out = model(leaf)
+        return torch.autograd.grad(out.sum(), leaf)[0]
+
+    torch.testing.assert_close(run(True), run(False))

@@ -28,13 +28,12 @@ from ..distributed import gather_objects
 from ..display.panels import Frame, PanelStyle
 from ..display.timelapse import TimeLapse
 from ..explainers import equivalent_alpha
-from ..explainers.base import LogitsFn
+from ..engine import LogitsFn, SoftRules
 from ..probe.explain import (
     ExplainSettings, Explanations, Reduction, check_model, correlation, explain_probe, merge_shards, scalars,
 )
 from ..probe.input_space import InputSpace, resolve_input_space
 from ..probe.selection import BatchFn, ProbeSet, read_probe, resumed_probe, select_probe, validate_probe, validation_loader
-from ..rules.config import SoftRules
 from ..sinks import ImageSink, image_sinks, run_directory
 from .arguments import validate_arguments
 from .writer import PanelWriter

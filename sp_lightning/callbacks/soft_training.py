@@ -1,11 +1,11 @@
-"""``SoftBackwardTraining``: train with the soft backward rules (SPEC section 5).
+"""``SoftBackwardTraining``: train with the soft backward rules (docs/method.md section 5).
 
 The forward pass, the loss and every prediction stay exactly as they are; only
 the backward that reaches the weights uses the soft gates. The callback does
 this by running the trainer strategy's ``training_step`` (which wraps the
 LightningModule's ``training_step``, its forward redirection under DDP/FSDP and
 the precision plugin's autocast) inside the engine's stateless
-:class:`~sp_lightning.mode.SoftBackwardMode`. So:
+:class:`~sp_lightning.engine.SoftBackwardMode`. So:
 
 - every op of the training step is covered, also ops the ``training_step``
   runs outside ``forward`` (``self.backbone(x)``, ``F.relu`` inline), and
@@ -34,8 +34,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch._dynamo import OptimizedModule
 
-from ..mode import SoftBackwardMode
-from ..rules.config import MaxPoolPadding, SoftRules
+from ..engine import MaxPoolPadding, SoftBackwardMode, SoftRules
 from ..schedule import RuleSchedules, TemperatureSchedule
 
 #: Prefix of the logged temperature scalars.
@@ -54,11 +53,11 @@ def uses_torch_compile(module: nn.Module) -> bool:
 class SoftBackwardTraining(Callback):
     """Make every training backward use the soft rules, for the whole fit.
 
-    Zero-arg use trains with the SPEC default temperatures held constant.
+    Zero-arg use trains with the documented default temperatures held constant.
 
     Args:
         temperatures: rule name -> starting temperature tau0 (``None`` switches a
-            rule off); missing rules take the SPEC defaults (``DEFAULT_TEMPERATURES``).
+            rule off); missing rules take the documented defaults (``DEFAULT_TEMPERATURES``).
         schedule: how every tempered rule's temperature moves: a
             :class:`~sp_lightning.schedule.TemperatureSchedule` or a dict of its
             fields, e.g. ``{"kind": "cosine", "tau_end": 0.05}``. Default: constant.

@@ -1,7 +1,7 @@
 """Explainers with one call shape: ``attribute(inputs, target)``."""
 
 from .ascent import AscentResult, GradientAscent, PullbackAscent, equivalent_alpha
-from .base import Explainer, default_logits
+from .base import Explainer, NonFiniteWarning, default_logits
 from .pullback import DoublePullback, Gradient, SmoothGrad, SmoothPullback, SoftPullback
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "Explainer",
     "Gradient",
     "GradientAscent",
+    "NonFiniteWarning",
     "PullbackAscent",
     "SmoothGrad",
     "SmoothPullback",

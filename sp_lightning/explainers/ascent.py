@@ -1,4 +1,4 @@
-"""Pullback Ascent: iterate normalised soft pullbacks to build a counterfactual (SPEC section 3).
+"""Pullback Ascent: iterate normalised soft pullbacks to build a counterfactual (docs/method.md section 3).
 
 x_0 = x; x_{k+1} = x_k + alpha * g_k / max(||g_k||_2, 1e-20) per sample, optionally
 projected onto the L2 ball of radius ``eps`` around x_0 and clipped to the valid
@@ -19,8 +19,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..rules.config import SoftRules
-from .base import Explainer, LogitsFn, TargetLike, soft_rules
+from ..engine import SoftRules
+from .base import Explainer, LogitsFn, TargetLike, warn_if_not_finite
 
 Clip = Literal["every", "last"] | None
 Bound = float | Sequence[float] | Tensor
@@ -76,7 +76,7 @@ class PullbackAscent(Explainer):
         logits_fn: LogitsFn | None = None,
         **options: Any,
     ) -> None:
-        super().__init__(model, soft_rules(temperatures, options), logits_fn)
+        super().__init__(model, SoftRules.coerce(temperatures, **options), logits_fn)
         if not alpha > 0 or int(steps) < 1:
             raise ValueError(f"alpha must be > 0 and steps >= 1, got alpha={alpha}, steps={steps}.")
         if eps is not None and not eps > 0:
@@ -101,6 +101,7 @@ class PullbackAscent(Explainer):
             if first is not None:
                 first = self._check_first(first, inputs, targets, single)
             delta, final = self._ascend(inputs.detach().clone(), targets, first)
+        warn_if_not_finite(delta, "attributions")
         if single:
             delta, final = delta[:, 0], final[:, 0]
         return AscentResult(delta, final)

@@ -3,7 +3,7 @@
 ``attribute(inputs, target)`` takes inputs (B, ...) and a target that is an int,
 a LongTensor (B,) or a LongTensor (B, T). It returns a tensor shaped like the
 inputs, or (B, T, ...) for T targets per input, computed with one forward for
-all T targets. The objective is the raw target logit (SPEC section 3).
+all T targets. The objective is the raw target logit (docs/method.md section 3).
 
 Gradients are taken with ``torch.autograd.grad`` with respect to a copy of the
 inputs, so parameters' ``.grad`` never changes. The model runs in eval mode and
@@ -13,35 +13,25 @@ from inside ``torch.inference_mode()`` or ``torch.no_grad()`` work.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager, nullcontext
+import warnings
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..context import soft_backward, suspended
-from ..rules.config import SoftRules
+from ..engine import LogitsFn, SoftBackwardMode, SoftRules, default_logits, explaining, read_logits
 
-LogitsFn = Callable[[Any], Tensor]
 TargetLike = int | Tensor
 
+#: Layers that take (B, C, H, W) and would read a 3-D input as one unbatched image.
+_IMAGE_LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 
-def default_logits(output: Any) -> Tensor:
-    """Read logits from a model output: a tensor, the first item of a tuple/list, ``["logits"]`` or ``.logits``."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
-        return output["logits"]
-    if isinstance(getattr(output, "logits", None), Tensor):
-        return output.logits
-    raise TypeError(
-        f"Cannot read logits from a model output of type {type(output).__name__}. "
-        "Pass logits_fn=... to the explainer: a function mapping the model output to a (B, num_classes) tensor."
-    )
+
+class NonFiniteWarning(UserWarning):
+    """Inputs or attributions hold NaN or Inf values: the explanation is not meaningful there."""
 
 
 def normalize_target(target: TargetLike, batch: int, device: torch.device) -> tuple[Tensor, bool]:
@@ -58,21 +48,26 @@ def normalize_target(target: TargetLike, batch: int, device: torch.device) -> tu
         raise ValueError(
             f"target must have shape (B,) or (B, T) with B = {batch} (the batch size), got {tuple(target.shape)}."
         )
+    if target.dim() == 2 and target.shape[1] == 0:
+        raise ValueError(
+            f"target has shape {tuple(target.shape)}: no target class for any input. "
+            "Pass at least one class index per input, shape (B,) or (B, T) with T >= 1."
+        )
     single = target.dim() == 1
     return (target.reshape(batch, -1) if single else target).to(device=device, dtype=torch.long).clone(), single
 
 
-@contextmanager
-def preserved_state(model: nn.Module, devices: list[int]) -> Iterator[None]:
-    """Eval mode, grad on, RNG forked; every submodule's mode restored on exit (also after errors)."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
-            model.eval()
-            yield
-    finally:
-        for module, training in modes:
-            module.training = training
+def warn_if_not_finite(t: Tensor, what: str) -> None:
+    """Warn (:class:`NonFiniteWarning`) when ``t`` holds NaN or Inf values."""
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        warnings.warn(
+            f"sp_lightning: the {what} hold {bad} NaN/Inf value(s) of {t.numel()}; "
+            + ("the explanation of those samples is not meaningful." if what == "inputs" else
+               "check the inputs, the model's numerics (e.g. half precision) and the temperatures."),
+            NonFiniteWarning,
+            stacklevel=3,
+        )
 
 
 class Explainer:
@@ -98,6 +93,7 @@ class Explainer:
         with self._session():
             targets, single = self._targets(inputs, target)
             result = self._attribute(inputs.detach().clone(), targets)
+        warn_if_not_finite(result, "attributions")
         return result[:, 0] if single else result
 
     def _attribute(self, inputs: Tensor, targets: Tensor) -> Tensor:
@@ -107,38 +103,39 @@ class Explainer:
     # ------------------------------------------------------------------ shared machinery
 
     def _targets(self, inputs: Tensor, target: TargetLike) -> tuple[Tensor, bool]:
+        """Check the inputs (and warn about NaN/Inf in them); targets as (B, T) plus the single flag."""
         if not isinstance(inputs, Tensor) or inputs.dim() < 1 or not inputs.is_floating_point():
             raise TypeError("inputs must be a floating-point tensor with a leading batch dimension.")
+        if inputs.shape[0] == 0:
+            raise ValueError(f"inputs hold no samples (shape {tuple(inputs.shape)}): pass at least one input.")
+        if inputs.dim() == 3:
+            layer = next((m for m in self.model.modules() if isinstance(m, _IMAGE_LAYERS)), None)
+            if layer is not None:
+                raise ValueError(
+                    f"inputs have shape {tuple(inputs.shape)}: one image (C, H, W) without its batch dimension? "
+                    f"The model's {type(layer).__name__} layers take (B, C, H, W) and would read the channels "
+                    "as the batch. Pass inputs.unsqueeze(0) for one image (the explainers need the batch dim B)."
+                )
+        warn_if_not_finite(inputs, "inputs")
         return normalize_target(target, inputs.shape[0], inputs.device)
 
-    def _session(self) -> ExitStack:
-        """Everything an explanation run needs around it, undone on exit."""
-        stack = ExitStack()
-        devices = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
-        stack.enter_context(preserved_state(self.model, devices))
-        stack.enter_context(suspended(self.model))
-        return stack
+    def _session(self) -> AbstractContextManager[None]:
+        """Everything an explanation run needs around it, undone on exit (see ``engine.session``)."""
+        return explaining(self.model)
 
     def logits(self, inputs: Tensor, rules: SoftRules | None = None) -> Tensor:
         """Forward with this explainer's rules (or ``rules``); returns (B, C) logits."""
         rules = self.rules if rules is None else rules
-        with soft_backward(self.model, rules) if rules.any_active else nullcontext():
-            output = self.model(inputs)
-        logits = self.logits_fn(output)
-        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
-            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise ValueError(
-                f"Expected logits of shape (B, num_classes) with B = {inputs.shape[0]}, got {shape}. "
-                "Pass logits_fn=... to map the model output to logits."
-            )
-        return logits
+        mode = SoftBackwardMode(rules) if rules.any_active else None
+        return read_logits(self.model, inputs, self.logits_fn, around_forward=mode)
 
     def pullback(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """(B, T, ...) pullbacks of the T target logits at ``inputs``, sharing one forward."""
         x = inputs.detach().requires_grad_(True)
         count = targets.shape[1]
         # Several targets pull back through one graph: each rule derives its gate once, not per target.
-        logits = self.logits(x, replace(self.rules, keep_derived=count > 1))
+        # The model gets a copy of x, so a forward that edits its input in place works (x stays the leaf).
+        logits = self.logits(x.clone(), replace(self.rules, keep_derived=count > 1))
         num_classes = logits.shape[1]
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
             raise ValueError(
@@ -150,10 +147,3 @@ class Explainer:
             torch.autograd.grad(selected[:, t].sum(), x, retain_graph=t < count - 1)[0] for t in range(count)
         ]
         return torch.stack(grads, dim=1)
-
-
-def soft_rules(temperatures: Mapping[str, Any] | SoftRules | None, options: dict[str, Any]) -> SoftRules:
-    """SoftRules from an explainer's ``temperatures`` and keyword options."""
-    if isinstance(temperatures, SoftRules):
-        return temperatures
-    return SoftRules.create(temperatures, **options)

@@ -1,4 +1,4 @@
-"""Single-point explainers: Gradient, Soft/Double Pullback, and their smoothed forms (SPEC section 3)."""
+"""Single-point explainers: Gradient, Soft/Double Pullback, and their smoothed forms (docs/method.md section 3)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..rules.config import SoftRules
-from .base import Explainer, LogitsFn, soft_rules
+from ..engine import SoftRules
+from .base import Explainer, LogitsFn
 
 
 class Gradient(Explainer):
@@ -23,7 +23,7 @@ class SoftPullback(Explainer):
     """Soft Pullback: the backward of the target logit with soft rules.
 
     Args:
-        temperatures: rule name -> temperature (``None`` switches a rule off); SPEC defaults otherwise.
+        temperatures: rule name -> temperature (``None`` switches a rule off); documented defaults otherwise.
         **options: engine options, e.g. ``maxpool_padding="zeros"``.
     """
 
@@ -34,7 +34,7 @@ class SoftPullback(Explainer):
         logits_fn: LogitsFn | None = None,
         **options: Any,
     ) -> None:
-        super().__init__(model, soft_rules(temperatures, options), logits_fn)
+        super().__init__(model, SoftRules.coerce(temperatures, **options), logits_fn)
 
 
 class DoublePullback(SoftPullback):

@@ -1,4 +1,4 @@
-"""Explanation-quality metrics as ``torchmetrics.Metric`` subclasses (SPEC section 6).
+"""Explanation-quality metrics as ``torchmetrics.Metric`` subclasses (docs/method.md section 6).
 
 Every metric is built with the model (and, for those that re-run it, an explainer on
 that model) and used as ``metric.update(inputs, attributions, target, ...)``;

@@ -1,4 +1,4 @@
-"""What every explanation-quality metric shares (SPEC section 6).
+"""What every explanation-quality metric shares (docs/method.md section 6).
 
 Each metric is a ``torchmetrics.Metric``: ``update(inputs, attributions, target, ...)``
 appends one score per sample to a list state that torchmetrics concatenates across
@@ -27,11 +27,10 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from ..context import suspended
-from ..explainers.base import Explainer, LogitsFn, TargetLike, normalize_target
-from ..explainers.pullback import Gradient
+from ..engine import LogitsFn, read_logits, suspended
+from ..explainers.base import Explainer, TargetLike, normalize_target
 
-#: Side of the inputs the paper's patch sizes and step sizes refer to (SPEC section 6).
+#: Side of the inputs the paper's patch sizes and step sizes refer to (docs/method.md section 6).
 REFERENCE_SIDE = 224
 #: Elements of the inputs the paper's step sizes refer to (3 x 224 x 224).
 REFERENCE_NUMEL = 3 * REFERENCE_SIDE * REFERENCE_SIDE
@@ -157,7 +156,9 @@ class ExplanationMetric(Metric):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
         # Borrowed, not registered: .to() must not move it and state_dict() must not hold its weights.
         self.__dict__["model"] = model
-        self._reader = Gradient(model, logits_fn)  # hard rules: .logits() is the plain forward, checked
+        if logits_fn is not None and not callable(logits_fn):
+            raise TypeError("logits_fn must be callable: model output -> (B, num_classes) logits.")
+        self._logits_fn = logits_fn
         self.batch_size = batch_size
         self.seed = seed
         self._generator: torch.Generator | None = None
@@ -256,8 +257,8 @@ class ExplanationMetric(Metric):
             )
 
     def _logits(self, inputs: Tensor) -> Tensor:
-        """(B, num_classes) logits of a plain forward (shape checked by the explainers' own reader)."""
-        return self._reader.logits(inputs)
+        """(B, num_classes) logits of a plain forward (shape checked by the engine's reader)."""
+        return read_logits(self.model, inputs, self._logits_fn)
 
     def _outputs(
         self, count: int, build: Callable[[Tensor], Tensor], targets: Tensor, softmax: bool = False

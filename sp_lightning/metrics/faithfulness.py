@@ -1,4 +1,4 @@
-"""Faithfulness metrics: does removing what the attribution calls important change the output? (SPEC section 6).
+"""Faithfulness metrics: does removing what the attribution calls important change the output? (docs/method.md section 6).
 
 All four are batched: the perturbed copies of a batch are built with tensor ops
 (masks from ranks or block indices, no loops over pixels or patches) and sent through
@@ -210,7 +210,7 @@ class MonotonicityCorrelation(ExplanationMetric):
 
 
 class FaithfulnessCorrelation(_RemovalCorrelation):
-    """Faithfulness correlation, patch variant (SPEC section 6), higher is better.
+    """Faithfulness correlation, patch variant (docs/method.md section 6), higher is better.
 
     The image is cut into non-overlapping ``patch_size`` squares (16 blocks of 56x56 on
     224x224). Each block in turn, all channels, is set to ``baseline`` (one block at a
@@ -260,7 +260,7 @@ class FaithfulnessCorrelation(_RemovalCorrelation):
 
 
 class Infidelity(ExplanationMetric):
-    """Infidelity with optimal scaling and square-patch perturbations (SPEC section 6), lower is better.
+    """Infidelity with optimal scaling and square-patch perturbations (docs/method.md section 6), lower is better.
 
     For each of ``repeats`` rounds and each patch size, the blocks of the image are
     perturbed **cumulatively** (Quantus quirk kept): the j-th perturbation x_j has blocks

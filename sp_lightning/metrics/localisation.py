@@ -1,4 +1,4 @@
-"""Localisation metrics: is the relevance where the evidence is? (SPEC section 6).
+"""Localisation metrics: is the relevance where the evidence is? (docs/method.md section 6).
 
 No model calls: these score attributions against known positions, either the
 quadrants of 2x2 mosaics (:class:`Focus`, with :func:`make_mosaics`) or ground-truth

@@ -1,4 +1,4 @@
-"""Metrics that re-run the explainer: robustness to input noise and sensitivity to the target (SPEC section 6).
+"""Metrics that re-run the explainer: robustness to input noise and sensitivity to the target (docs/method.md section 6).
 
 Both take the model and an explainer built on it (e.g. ``SoftPullback(model)``); the
 explainer restores the model's modes, its own RNG use and ``.grad`` itself. The

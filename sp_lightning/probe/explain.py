@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..explainers import Gradient, PullbackAscent, SoftPullback
-from ..explainers.base import LogitsFn, preserved_state
+from ..engine import LogitsFn, SoftRules, preserved_state, read_logits
 from ..metrics import (
     ExplainerMetric,
     ExplanationMetric,
@@ -30,7 +30,6 @@ from ..metrics import (
     MonotonicityCorrelation,
     RandomLogit,
 )
-from ..rules.config import SoftRules
 from .selection import isolated_rng
 
 Reduction = Literal["mean", "sum", "abs_mean", "l2"]
@@ -125,7 +124,7 @@ def no_autocast(device: torch.device) -> Any:
 def probe_logits(model: nn.Module, images: Tensor, logits_fn: LogitsFn | None) -> Tensor:
     """Eval-mode logits without a graph; the model's train/eval flags are restored."""
     with preserved_state(model, []), torch.no_grad(), no_autocast(images.device):
-        return Gradient(model, logits_fn).logits(images)
+        return read_logits(model, images, logits_fn)
 
 
 def rank_targets(probabilities: Tensor, labels: Tensor | None, top_k: int) -> tuple[Tensor, Tensor]:
@@ -165,7 +164,7 @@ def explain_probe(model: nn.Module, images: Tensor, labels: Tensor | None, setti
 
     Example:
         >>> import torch
-        >>> from sp_lightning.rules.config import SoftRules
+        >>> from sp_lightning.engine import SoftRules
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
         >>> bounds = (torch.zeros(3), torch.ones(3))
         >>> settings = ExplainSettings(top_k=1, gradient=True, counterfactual=True, ascent_steps=2, alpha=0.1,

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .sources import Source, Term
+from .recipes import Source, Term
 
 #: Per output cotangent: the scale it is multiplied by (``None``: the cotangent of x itself).
 Scales = tuple[Tensor | None, ...]

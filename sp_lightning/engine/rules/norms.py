@@ -1,4 +1,4 @@
-"""Normalisation layers with their statistics held constant in the backward (SPEC section 2).
+"""Normalisation layers with their statistics held constant in the backward, and their handlers (docs/method.md section 2).
 
 With mean and variance treated as constants, LayerNorm is an input-conditioned
 affine map and its input VJP is ``v * gamma / sqrt(var + eps)``. GroupNorm and
@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
+
+from .interface import Handler, Scope, arg, needs_soft
 
 
 def _at_least_float(t: Tensor) -> Tensor:
@@ -96,3 +99,63 @@ class SoftGroupNorm(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[3]:
             gb = v.sum(reduce_dims)
         return grad_x, None, gw, gb, None, None
+
+
+def _params(scope: Scope, *params: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The norm's parameters as the rule should see them (detached when no parameter gradient is wanted)."""
+    if scope.rules.param_grads:
+        return params
+    return tuple(None if p is None else p.detach() for p in params)
+
+
+def _layer_norm(scope: Scope, func: Any, args: tuple, kwargs: dict) -> Any:
+    x, shape = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "normalized_shape")
+    weight, bias = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
+    on = scope.rules.tau("layernorm")
+    scope.softened("layernorm", on)
+    if on is None or not needs_soft(x, weight, bias):
+        return func(*args, **kwargs)
+    eps = float(arg(args, kwargs, 4, "eps", 1e-5))
+    dims = 1 if isinstance(shape, int) else len(shape)
+    rest = args[1:]
+    weight, bias = _params(scope, weight, bias)
+    return SoftLayerNorm.apply(x, lambda t: func(t, *rest, **kwargs), weight, bias, dims, eps, False)
+
+
+def _rms_norm(scope: Scope, func: Any, args: tuple, kwargs: dict) -> Any:
+    x, shape = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "normalized_shape")
+    weight = arg(args, kwargs, 2, "weight")
+    on = scope.rules.tau("rmsnorm")
+    scope.softened("rmsnorm", on)
+    if on is None or not needs_soft(x, weight):
+        return func(*args, **kwargs)
+    eps = arg(args, kwargs, 3, "eps")
+    eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
+    dims = 1 if isinstance(shape, int) else len(shape)
+    rest = args[1:]
+    (weight,) = _params(scope, weight)
+    return SoftLayerNorm.apply(x, lambda t: func(t, *rest, **kwargs), weight, None, dims, eps, True)
+
+
+def _group_norm(scope: Scope, func: Any, args: tuple, kwargs: dict) -> Any:
+    x, groups = arg(args, kwargs, 0, "input"), int(arg(args, kwargs, 1, "num_groups"))
+    weight, bias = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
+    on = scope.rules.tau("groupnorm")
+    scope.softened("groupnorm", on)
+    if on is None or not needs_soft(x, weight, bias):
+        return func(*args, **kwargs)
+    eps = float(arg(args, kwargs, 4, "eps", 1e-5))
+    rest = args[1:]
+    weight, bias = _params(scope, weight, bias)
+    return SoftGroupNorm.apply(x, lambda t: func(t, *rest, **kwargs), weight, bias, groups, eps)
+
+
+def _table() -> dict[Any, Handler]:
+    table: dict[Any, Handler] = {F.layer_norm: _layer_norm, torch.layer_norm: _layer_norm, F.group_norm: _group_norm}
+    if hasattr(F, "rms_norm"):
+        table[F.rms_norm] = _rms_norm
+    return table
+
+
+#: callable -> handler for the normalisation layers.
+HANDLERS: dict[Any, Handler] = _table()

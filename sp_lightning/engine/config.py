@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-#: Default temperature of every rule (SPEC section 2; the rules marked "ours"
+#: Default temperature of every rule (docs/method.md section 2; the rules marked "ours"
 #: extend the same pattern to gated layers the paper does not cover).
 DEFAULT_TEMPERATURES: dict[str, float | bool] = {
     "relu": 0.6,
@@ -62,7 +62,7 @@ def _check_value(name: str, value: Any) -> float | bool | None:
 class SoftRules:
     """Resolved soft-backward settings: per-rule temperatures plus options.
 
-    Build it with :meth:`SoftRules.create`, which fills SPEC defaults for
+    Build it with :meth:`SoftRules.create`, which fills documented defaults for
     missing rules and rejects unknown names and non-positive temperatures.
     """
 
@@ -104,6 +104,22 @@ class SoftRules:
             )
         resolved = {name: _check_value(name, given.get(name, default)) for name, default in DEFAULT_TEMPERATURES.items()}
         return cls(resolved, maxpool_padding=maxpool_padding, warn_uncovered=bool(warn_uncovered))
+
+    @classmethod
+    def coerce(cls, temperatures: "Mapping[str, Any] | SoftRules | None" = None, **options: Any) -> "SoftRules":
+        """The one way user settings become rules: a ``SoftRules`` as it is, else ``create(temperatures, **options)``.
+
+        Options beside a ``SoftRules`` object are an error rather than silently dropped: the object
+        already fixes them.
+        """
+        if isinstance(temperatures, SoftRules):
+            if options:
+                raise TypeError(
+                    f"Got a SoftRules object and the options {sorted(options)}: set them inside the SoftRules "
+                    "(SoftRules.create(..., option=...)) or pass a temperatures dict with the options as keywords."
+                )
+            return temperatures
+        return cls.create(temperatures, **options)
 
     @classmethod
     def hard(cls) -> "SoftRules":

@@ -8,9 +8,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .explainers.base import Explainer, default_logits
+from .config import SoftRules
 from .mode import CoverageRecorder, SoftBackwardMode
-from .rules.config import SoftRules
+from .session import explaining
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,8 @@ class CoverageReport:
     """Counts per rule (or op name) from one forward pass.
 
     ``softened``: ops that got a soft rule; ``switched_off``: ops whose rule is
-    set to ``None``; ``uncovered``: gated ops with no soft rule at all.
+    set to ``None``; ``uncovered``: gated ops with no soft rule at all (among
+    them every softmax whose output did not reach a value-transport product).
     """
 
     softened: dict[str, int]
@@ -46,12 +47,18 @@ def coverage_report(
     temperatures: Mapping[str, Any] | SoftRules | None = None,
     **options: Any,
 ) -> CoverageReport:
-    """Run one forward of ``model`` on ``inputs`` (eval mode, state restored) and report rule coverage."""
-    rules = temperatures if isinstance(temperatures, SoftRules) else SoftRules.create(temperatures, **options)
+    """Run one forward of ``model`` on ``inputs`` (eval mode, state restored) and report rule coverage.
+
+    Args:
+        model: the model to inspect.
+        inputs: one batch, as the model takes it.
+        temperatures: rule name -> temperature, or a ``SoftRules``; see ``soft_backward``.
+        **options: engine options (e.g. ``maxpool_padding``), as for ``soft_backward``.
+    """
+    rules = SoftRules.coerce(temperatures, **options)
     recorder = CoverageRecorder()
-    explainer = Explainer(model, rules)
-    with explainer._session():
-        x = inputs.detach().clone().requires_grad_(True)
+    with explaining(model):
+        leaf = inputs.detach().clone().requires_grad_(True)
         with SoftBackwardMode(replace(rules, warn_uncovered=False), recorder):
-            default_logits(model(x))
+            model(leaf.clone())  # a copy: the model may edit its input in place
     return CoverageReport(dict(recorder.softened), dict(recorder.switched_off), dict(recorder.uncovered))

@@ -7,11 +7,14 @@ softened; losses and other models are untouched. Removing the hooks restores
 the model exactly: no classes or modules are swapped and nothing is cached.
 
 Used as a context manager it undoes itself on exit; ``enable()`` /
-``disable()`` keep it on across many training steps.
+``disable()`` keep it on across many training steps. What a forward changes
+(the mode entered, a suspension) is per thread: a forward in one thread never
+sees another thread's state.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -21,8 +24,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .config import SoftRules
 from .mode import SoftBackwardMode
-from .rules.config import SoftRules
 
 #: model -> enabled handles on it (so an explainer can suspend them).
 _ENABLED: "weakref.WeakKeyDictionary[nn.Module, list[SoftBackward]]" = weakref.WeakKeyDictionary()
@@ -34,7 +37,7 @@ class SoftBackward:
     Args:
         model: the module whose forward gets the soft backward.
         temperatures: rule name -> temperature (``None`` switches a rule off);
-            missing rules take the SPEC defaults. See ``DEFAULT_TEMPERATURES``.
+            missing rules take the documented defaults. See ``DEFAULT_TEMPERATURES``.
         maxpool_padding: ``"neginf"`` (exact) or ``"zeros"`` (reference-code compatibility).
         warn_uncovered: warn when a gated op with no soft rule runs.
     """
@@ -47,17 +50,27 @@ class SoftBackward:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"soft_backward needs a torch.nn.Module, got {type(model).__name__}.")
-        if isinstance(temperatures, SoftRules):
-            if options:
-                raise TypeError("Pass options either inside a SoftRules object or as keywords, not both.")
-            self.rules = temperatures
-        else:
-            self.rules = SoftRules.create(temperatures, **options)
+        self.rules = SoftRules.coerce(temperatures, **options)
         self.model = model
-        self._mode = SoftBackwardMode(self.rules)
         self._hooks: tuple[RemovableHandle, RemovableHandle] | None = None
-        self._entered: list[bool] = []
-        self.suspended = False
+        self._local = threading.local()  # per thread: the mode, which forwards entered it, suspension
+
+    @property
+    def _thread(self) -> threading.local:
+        """This thread's state, created on first use."""
+        local = self._local
+        if not hasattr(local, "mode"):
+            local.mode, local.entered, local.suspended = SoftBackwardMode(self.rules), [], False
+        return local
+
+    @property
+    def suspended(self) -> bool:
+        """Whether this thread's forwards skip the rules (see :func:`suspended`)."""
+        return self._thread.suspended
+
+    @suspended.setter
+    def suspended(self, value: bool) -> None:
+        self._thread.suspended = bool(value)
 
     @property
     def enabled(self) -> bool:
@@ -81,9 +94,10 @@ class SoftBackward:
         for hook in self._hooks:
             hook.remove()
         self._hooks = None
-        while self._entered:  # a forward that never returned (e.g. a KeyboardInterrupt between hooks)
-            if self._entered.pop():
-                self._mode.__exit__(None, None, None)
+        thread = self._thread
+        while thread.entered:  # a forward that never returned (e.g. a KeyboardInterrupt between hooks)
+            if thread.entered.pop():
+                thread.mode.__exit__(None, None, None)
         handles = _ENABLED.get(self.model, [])
         if self in handles:
             handles.remove(self)
@@ -102,14 +116,18 @@ class SoftBackward:
 
     def _enter(self, module: nn.Module, args: Any) -> None:
         # ``module is not self.model``: a deep copy of the model carries copies of these hooks; they stay inert.
-        active = module is self.model and not self.suspended and self.rules.any_active and _backward_possible(module, args)
+        thread = self._thread
+        active = (
+            module is self.model and not thread.suspended and self.rules.any_active and _backward_possible(module, args)
+        )
         if active:
-            self._mode.__enter__()
-        self._entered.append(active)
+            thread.mode.__enter__()
+        thread.entered.append(active)
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._entered and self._entered.pop():
-            self._mode.__exit__(None, None, None)
+        thread = self._thread
+        if thread.entered and thread.entered.pop():
+            thread.mode.__exit__(None, None, None)
 
 
 def _backward_possible(module: nn.Module, args: Any) -> bool:
@@ -140,7 +158,7 @@ def soft_backward(
 
 @contextmanager
 def suspended(model: nn.Module) -> Iterator[None]:
-    """Pause every enabled soft-backward handle on ``model`` and its submodules.
+    """Pause, in this thread, every enabled soft-backward handle on ``model`` and its submodules.
 
     Explainers use this so their own rules (or none, for the plain gradient) are
     the only ones applied, never on top of a training-time handle.

@@ -1,4 +1,4 @@
-"""How a soft rule gets its pre-activation back in the backward pass.
+"""How a soft rule gets its pre-activation back in the backward pass: recipes, and the handlers that leave them.
 
 A plain ReLU saves its *output*, which the next layer saves anyway, so it costs
 no memory. A soft ReLU needs its *input* x. Saving x is one extra activation per
@@ -15,9 +15,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
+
+from .interface import Handler, Scope, arg, needs_soft
 
 _ATTR = "_sp_source"
 
@@ -152,3 +156,67 @@ def source_for(t: Tensor) -> Source:
     """Cheapest way to get ``t`` back later: its recipe, else ``t`` itself."""
     recipe = recipe_of(t)
     return recipe if recipe is not None else Stored.of(t)
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _batch_statistics(out: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(mean, 1 / std) a train-mode BatchNorm normalised with, read from the autograd node that
+    saved them for its own backward; ``None`` for other kernels (cuDNN, MIOpen) that name them
+    differently."""
+    node = out.grad_fn
+    if type(node).__name__ != "NativeBatchNormBackward0":
+        return None
+    return node._saved_result1, node._saved_result2
+
+
+def _batch_norm(scope: Scope, func: Any, args: tuple, kwargs: dict) -> Any:
+    """BatchNorm: tag the output with its affine recipe.
+
+    Eval mode normalises with the running statistics, so cotangents may skip the BatchNorm when its
+    parameters want no gradient. Train mode normalises with the batch's own statistics, so the
+    recipe serves only to recompute x."""
+    out = func(*args, **kwargs)
+    x = arg(args, kwargs, 0, "input")
+    if not needs_soft(x):
+        return out
+    training = bool(arg(args, kwargs, 5, "training", False))
+    weight, bias = arg(args, kwargs, 3, "weight"), arg(args, kwargs, 4, "bias")
+    with torch.no_grad():
+        if training:
+            stats = _batch_statistics(out)
+            if stats is None:
+                return out
+            mean, invstd = stats
+        else:
+            mean, var = arg(args, kwargs, 1, "running_mean"), arg(args, kwargs, 2, "running_var")
+            invstd = torch.rsqrt(var + float(arg(args, kwargs, 7, "eps", 1e-5)))
+        scale = invstd if weight is None else invstd * weight
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        scale, shift = scale.reshape(view).to(x.dtype), shift.reshape(view).to(x.dtype)
+    wanted = scope.rules.param_grads and any(p is not None and p.requires_grad for p in (weight, bias))
+    attach(out, Affine(x, x._version, scale, shift, skippable=not (training or wanted)))
+    return out
+
+
+def _add(scope: Scope, func: Any, args: tuple, kwargs: dict) -> Any:
+    """``a + b`` where ``a`` or ``b`` has a recipe (a residual after BatchNorm): keep a recipe for the sum."""
+    a, b = args[0], (args[1] if len(args) > 1 else kwargs.get("other"))
+    inplace = func is Tensor.add_
+    if kwargs.get("alpha", 1) != 1 or not isinstance(b, Tensor) or not isinstance(a, Tensor) or a.shape != b.shape:
+        return func(*args, **kwargs)
+    ra, rb = recipe_of(a), recipe_of(b)
+    if (ra is None and rb is None) or (inplace and ra is None) or not needs_soft(a, b):
+        return func(*args, **kwargs)
+    recipe = Sum(ra or Stored.of(a), rb or Stored.of(b))
+    out = func(*args, **kwargs)
+    attach(out, recipe)
+    return out
+
+
+#: callable -> handler for the ops that leave recipes (memory, not rules: they change no gradient).
+HANDLERS: dict[Any, Handler] = {F.batch_norm: _batch_norm, Tensor.add: _add, Tensor.add_: _add, torch.add: _add}

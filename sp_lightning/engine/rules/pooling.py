@@ -1,4 +1,4 @@
-"""Soft max-pool backward (SPEC section 2).
+"""Soft max-pool backward and its handler (docs/method.md section 2).
 
 The forward is the original ``max_pool2d``. The backward routes each output's
 cotangent to its window with weights ``softmax(x_window / tau)`` (held
@@ -14,6 +14,7 @@ extreme dynamic range) ``_PhaseRouting`` handles each window offset separately.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .gates import derived, flush_tiny_
+from .interface import Handler, Scope, arg, derived, flush_tiny_, needs_soft
 from .kernels import CompiledKernel
 
 
@@ -247,20 +248,57 @@ class SoftMaxPool2d(torch.autograd.Function):
         keep: bool,
     ) -> Any:
         out = call(x)
-        ctx.save_for_backward(x, out[0] if isinstance(out, tuple) else out)
+        pooled = out[0] if isinstance(out, tuple) else out
+        # The pooled output is only referenced, not saved: the model may change it in place afterwards
+        # (``x = pool(x); x += skip``), which the plain max-pool allows. The backward then recomputes it.
+        ctx.save_for_backward(x)
+        ctx.pooled, ctx.pooled_version, ctx.call = weakref.ref(pooled), pooled._version, call
         ctx.geometry, ctx.tau, ctx.padding_mode, ctx.keep = geometry, tau, padding_mode, keep
         if isinstance(out, tuple):
             ctx.mark_non_differentiable(out[1])
         return out
 
     @staticmethod
+    def _pooled(ctx: Any, x: Tensor) -> Tensor:
+        """The forward's max-pool output: the tensor itself while unchanged, else recomputed from x."""
+        pooled = ctx.pooled()
+        if pooled is not None and pooled._version == ctx.pooled_version:
+            return pooled
+        with torch.no_grad():
+            out = ctx.call(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    @staticmethod
     def backward(ctx: Any, v: Tensor, *unused: Any) -> tuple[Tensor | None, ...]:
         squeeze = v.dim() == 3
 
         def routing() -> _SeparableRouting | _PhaseRouting:
-            x, out = ctx.saved_tensors
+            (x,) = ctx.saved_tensors
+            out = SoftMaxPool2d._pooled(ctx, x)
             xb, ob = (x.unsqueeze(0), out.unsqueeze(0)) if squeeze else (x, out)
             return soft_maxpool_routing(xb, ob, ctx.geometry, ctx.tau, ctx.padding_mode, ctx.keep)
 
         grad = derived(ctx, routing).route(v.unsqueeze(0) if squeeze else v)
         return (grad.squeeze(0) if squeeze else grad), None, None, None, None, None
+
+
+def _max_pool2d(scope: Scope, func: Any, args: tuple, kwargs: dict) -> Any:
+    x = arg(args, kwargs, 0, "input")
+    tau = scope.rules.tau("maxpool")
+    scope.softened("maxpool", tau)
+    if tau is None or not needs_soft(x):
+        return func(*args, **kwargs)
+    geometry = pool_geometry(
+        arg(args, kwargs, 1, "kernel_size"),
+        arg(args, kwargs, 2, "stride"),
+        arg(args, kwargs, 3, "padding", 0),
+        arg(args, kwargs, 4, "dilation", 1),
+    )
+    rest = args[1:]
+    return SoftMaxPool2d.apply(
+        x, lambda t: func(t, *rest, **kwargs), geometry, tau, scope.rules.maxpool_padding, scope.rules.keep_derived
+    )
+
+
+#: callable -> handler for 2-D max pooling.
+HANDLERS: dict[Any, Handler] = dict.fromkeys((F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d), _max_pool2d)
