@@ -96,11 +96,6 @@ class PanelWriter:
         error = future.exception()
         return None if error is None else (step, error)
 
-    @property
-    def idle(self) -> bool:
-        """No frame pending and no drawing thread alive."""
-        return self._pending is None and self._thread is None
-
     def close(self) -> tuple[int, BaseException] | None:
         """Wait for the pending frame, end the drawing thread and close the sinks; the pending frame's failure."""
         try:
