@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_engine.py            # full run (resnet50, vgg11_bn, pvt_v2_b0; batch 8 at 224)
     .venv/bin/python benchmarks/bench_engine.py --quick    # small smoke run
+    .venv/bin/python benchmarks/bench_engine.py --threads 1 --clock cpu --repeats 3   # the recorded setting
 
 Time: both methods run interleaved in one process (median of --repeats), so the
 printed ratio is robust to machine-wide drift. ``fwd s`` is the forward half of
@@ -11,6 +12,16 @@ runs in a fresh subprocess. The headline number is the peak of bytes held by
 torch's allocator during one explanation (from the profiler's memory events:
 deterministic). Peak RSS minus the RSS before the call is printed beside it; it
 includes malloc caching and varies by several percent from run to run.
+
+A second table follows, at torch's default thread count and wall clock
+whatever ``--threads`` and ``--clock`` say (how users run): the gradient, SP
+with the eager kernels (``SP_LIGHTNING_COMPILE=never``) and SP with the compiled
+ones (``always``), all three interleaved in one process (the policy is read at
+each backward, so it switches between calls). ``first x``: each policy's first
+SP call in a fresh process (after one gradient call, so the process's own lazy
+set-up is not counted) against that process's second gradient call; for the
+compiled kernels it includes compiling them, or loading them from inductor's
+on-disk cache when an earlier run left them there. ``--policy-repeats 0`` skips it.
 """
 
 from __future__ import annotations
@@ -91,12 +102,28 @@ def child_peak(name: str, method: str, batch: int, size: int) -> None:
     print(json.dumps({"alloc_mib": allocator_peak_mib(lambda: run(x, 1)), "rss_mib": rss}))
 
 
-def peak_mib(name: str, method: str, batch: int, size: int) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", name, method, str(batch), str(size)]
-    if torch.get_num_threads() == 1:
-        cmd[2:2] = ["--threads", "1"]
+def child_first_call(name: str, batch: int, size: int) -> None:
+    """(subprocess) print the first SP call's and the second gradient call's wall time, in seconds."""
+    torch.manual_seed(0)
+    model = build(name)
+    x = torch.randn(batch, 3, size, size)
+    grad, soft = explainer("gradient", model), explainer("soft", model)
+    grad(x, 1)  # the process's own lazy set-up (allocator, convolution primitives)
+    first = timed(lambda: soft(x, 1), time.perf_counter)
+    print(json.dumps({"sp_first_s": first, "grad_s": timed(lambda: grad(x, 1), time.perf_counter)}))
+
+
+def in_child(mode: str, args: list[str], policy: str | None = None) -> dict[str, float]:
+    """Run this script's ``mode`` child on ``args`` (at this process's thread count, under ``policy``,
+    else this process's one) and return the JSON it prints."""
+    policy = policy or os.environ.get("SP_LIGHTNING_COMPILE", "auto")
+    cmd = [sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--compile", policy, mode, *args]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def peak_mib(name: str, method: str, batch: int, size: int, policy: str | None = None) -> dict[str, float]:
+    return in_child("--child", [name, method, str(batch), str(size)], policy)
 
 
 def add_compile_option(parser: argparse.ArgumentParser) -> None:
@@ -120,31 +147,15 @@ def timed(fn: Callable[[], object], clock: Callable[[], float]) -> float:
     return clock() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="small inputs, one model, few repeats")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="'cpu' (process CPU time) is robust on a shared machine when --threads 1")
-    parser.add_argument("--models", nargs="+", help="override the model list")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
-    add_compile_option(parser)
-    args = parser.parse_args()
-    use_compile_option(args)
-    if args.child:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        name, method, batch, size = args.child
-        child_peak(name, method, int(batch), int(size))
-        return
-    models, batch, size, repeats = (("resnet18",), 2, 64, 3) if args.quick else (MODELS, 8, 224, args.repeats)
-    models = args.models or models
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    clock = CLOCKS[args.clock]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
-          f"batch {batch} at {size}x{size}, median of {repeats}, SP_LIGHTNING_COMPILE={args.compile}")
+#: torch's own thread count for this process, read before ``--threads`` changes it.
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+def main_table(models: tuple[str, ...], batch: int, size: int, repeats: int, clock_name: str, policy: str) -> None:
+    """SP vs gradient time and memory, T=4 vs 4 calls, at this process's thread count and ``clock_name``."""
+    clock = CLOCKS[clock_name]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock_name} clock, "
+          f"batch {batch} at {size}x{size}, median of {repeats}, SP_LIGHTNING_COMPILE={policy}")
     print(f"{'model':<10} {'grad s':>8} {'SP s':>8} {'time x':>7} {'grad MiB':>9} {'SP MiB':>8} {'mem x':>6} "
           f"{'RSS x':>6} {'4 calls s':>9} {'1 call s':>8} {'T=4 x':>6} {'fwd s':>6} {'bound':>6}")
     for name in models:
@@ -170,6 +181,84 @@ def main() -> None:
         print(f"{name:<10} {g:8.3f} {s:8.3f} {s / g:7.3f} {a_grad:9.1f} {a_soft:8.1f} {a_soft / a_grad:6.3f} "
               f"{m_soft['rss_mib'] / m_grad['rss_mib']:6.3f} {four:9.3f} {one:8.3f} {one / four:6.3f} {f:6.3f} {bound:6.3f}",
               flush=True)
+
+
+#: The kernel policies the second table compares: eager kernels, and compiled ones from the first call.
+POLICIES = ("never", "always")
+
+
+def policy_table(models: tuple[str, ...], batch: int, size: int, repeats: int) -> None:
+    """Gradient, eager SP and compiled SP interleaved at torch's default thread count, wall clock."""
+    torch.set_num_threads(DEFAULT_THREADS)
+    print(f"\ntorch's default {DEFAULT_THREADS} threads, wall clock, batch {batch} at {size}x{size}, median of "
+          f"{repeats} interleaved (gradient, SP never, SP always); first x: first SP call in a fresh process")
+    print(f"{'model':<10} {'grad s':>7} " + " ".join(
+        f"{p + ' s':>8} {p + ' x':>8} {'min x':>6} {'first x':>7} {'mem x':>6}" for p in POLICIES))
+    previous = os.environ.get("SP_LIGHTNING_COMPILE")
+    try:
+        for name in models:
+            torch.manual_seed(0)
+            model = build(name)
+            x = torch.randn(batch, 3, size, size)
+            grad, soft = explainer("gradient", model), explainer("soft", model)
+            runs: dict[str, Callable[[], object]] = {"gradient": lambda: grad(x, 1)}
+            for policy in POLICIES:
+                runs[policy] = lambda policy=policy: (os.environ.__setitem__("SP_LIGHTNING_COMPILE", policy), soft(x, 1))
+            for run in runs.values():
+                run()  # warm-up (compiles the kernels for "always")
+            times: dict[str, list[float]] = {key: [] for key in runs}
+            for _ in range(repeats):
+                for key, run in runs.items():
+                    times[key].append(timed(run, time.perf_counter))
+            g = statistics.median(times["gradient"])
+            a_grad = peak_mib(name, "gradient", batch, size)["alloc_mib"]
+            cells = []
+            for policy in POLICIES:
+                s = statistics.median(times[policy])
+                fastest = min(times[policy]) / min(times["gradient"])
+                first = in_child("--first-call", [name, str(batch), str(size)], policy)
+                memory = peak_mib(name, "soft", batch, size, policy)["alloc_mib"] / a_grad
+                cells.append(f"{s:8.3f} {s / g:8.3f} {fastest:6.3f} {first['sp_first_s'] / first['grad_s']:7.2f} "
+                             f"{memory:6.3f}")
+            print(f"{name:<10} {g:7.3f} " + " ".join(cells), flush=True)
+    finally:
+        if previous is None:
+            os.environ.pop("SP_LIGHTNING_COMPILE", None)
+        else:
+            os.environ["SP_LIGHTNING_COMPILE"] = previous
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="small inputs, one model, few repeats")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="'cpu' (process CPU time) is robust on a shared machine when --threads 1")
+    parser.add_argument("--models", nargs="+", help="override the model list")
+    parser.add_argument("--policy-repeats", type=int, default=None,
+                        help="repeats of the default-thread eager/compiled table (default: --repeats; 0 skips it)")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--first-call", nargs=3, help=argparse.SUPPRESS)
+    add_compile_option(parser)
+    args = parser.parse_args()
+    use_compile_option(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        name, method, batch, size = args.child
+        child_peak(name, method, int(batch), int(size))
+        return
+    if args.first_call:
+        name, batch, size = args.first_call
+        child_first_call(name, int(batch), int(size))
+        return
+    models, batch, size, repeats = (("resnet18",), 2, 64, 3) if args.quick else (MODELS, 8, 224, args.repeats)
+    models = tuple(args.models or models)
+    main_table(models, batch, size, repeats, args.clock, args.compile)
+    policy_repeats = repeats if args.policy_repeats is None else args.policy_repeats
+    if policy_repeats > 0:
+        policy_table(models, batch, size, policy_repeats)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ from .interface import Handler, Scope, arg, derived, flush_tiny_, needs_soft
 from .kernels import Scales, emit_cotangents, fused_gate_cotangents, fused_phi, fused_phi_cotangents
 from .recipes import Source, Stored, detach_recipe, source_for
 
-#: gate(source, tau, params) -> the surrogate derivative, a fresh tensor shaped like x.
-Gate = Callable[[Source, float, dict[str, Any]], Tensor]
+#: gate(source, tau, params) -> the surrogate derivative, a fresh tensor shaped like x (or, for ReLU
+#: and GELU's eager gate, an ``ErfGate`` holding one).
+Gate = Callable[[Source, float, dict[str, Any]], "Tensor | ErfGate"]
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -35,14 +36,36 @@ def _phi_(z: Tensor) -> Tensor:
     return z.mul_(-_INV_SQRT_2).erfc_().mul_(0.5)
 
 
-def relu_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
-    """Phi(x / tau): ReLU and GELU. One compiled kernel on large inputs (see ``kernels``); eagerly,
-    the constants fold into the one pass that recomputes x."""
+@dataclass(frozen=True, eq=False)
+class ErfGate:
+    """The eager ReLU/GELU gate Phi(x / tau), held as ``erf(x / (tau sqrt 2))``: ``v * Phi`` is then
+    ``(v + v * erf) / 2``, one ``addcmul`` and the halving folded into the terms' scales, where
+    gate, flush, halving and product would take four passes. The erf form needs no flush: in float32
+    ``1 + erf`` is exactly 0 or at least 2**-24 (the compiled kernels use the same form), and ATen's
+    erf is faster than its erfc. One target and several use the same ops: bit-identical results."""
+
+    erf: Tensor
+
+    @classmethod
+    def of(cls, src: Source, tau: float) -> "ErfGate":
+        return cls(src.scaled(_INV_SQRT_2 / tau).erf_())
+
+    def cotangents(self, v: Tensor, scales: Scales, owned: bool) -> tuple[Tensor, ...]:
+        """``v * Phi`` passed on to each term; ``owned``: this is the gate's only use, so the result may
+        take its memory (not while a higher-order graph is recorded: ``out=`` has no derivative)."""
+        if owned and not torch.is_grad_enabled():
+            twice = torch.addcmul(v, v, self.erf, out=self.erf)
+        else:
+            twice = torch.addcmul(v, v, self.erf)
+        halves = tuple(0.5 if scale is None else scale * 0.5 for scale in scales)
+        return tuple(twice * half for half in halves[:-1]) + (twice.mul_(halves[-1]),)
+
+
+def relu_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor | ErfGate:
+    """Phi(x / tau): ReLU and GELU. One compiled kernel on large inputs (see ``kernels``), else eagerly
+    as an :class:`ErfGate`, the constants folded into the one pass that recomputes x."""
     fused = fused_phi(src, tau)
-    if fused is not None:
-        return fused
-    u = src.scaled(-_INV_SQRT_2 / tau)
-    return flush_tiny_(u.erfc_()).mul_(0.5)
+    return fused if fused is not None else ErfGate.of(src, tau)
 
 
 def leaky_relu_gate(src: Source, tau: float, params: dict[str, Any]) -> Tensor:
@@ -171,8 +194,11 @@ def _cotangents(ctx: Any, v: Tensor, scales: Scales) -> tuple[Tensor, ...]:
         grads = fused(ctx.source, ctx.tau, v, scales) if fused is not None else None
         if grads is not None:
             return grads
-        return _eager_cotangents(ctx.gate(ctx.source, ctx.tau, ctx.params).mul_(v), scales)
     factor = derived(ctx, lambda: ctx.gate(ctx.source, ctx.tau, ctx.params))
+    if isinstance(factor, ErfGate):
+        return factor.cotangents(v, scales, owned=ctx.single_use)
+    if ctx.single_use:
+        return _eager_cotangents(factor.mul_(v), scales)
     grads = fused_gate_cotangents(factor, v, scales)
     return grads if grads is not None else _eager_cotangents(factor * v, scales)
 

@@ -91,8 +91,9 @@ class _SeparableRouting:
     peak: Tensor
     reciprocal: Tensor  # 1 / window sums, shaped like the output
     spare: list[int]  # output padding of the transpose
-    weights: Tensor | None  # held for the backward pass(es); None: recomputed per sample
+    weights: Tensor  # exp((x - M) / tau), held for the backward pass(es)
     owned: bool  # one backward pass uses the routing: it may overwrite its tensors with the result
+    compiled: bool  # the weights came from the compiled kernel, so the spread is compiled too
 
     @classmethod
     def build(
@@ -106,28 +107,35 @@ class _SeparableRouting:
             return None
         peak = x.amax(dim=(-2, -1), keepdim=True)
         fused = None if keep else _WINDOW_TOTALS.maybe(x, x, peak, geometry, scalar=1.0 / tau)
-        if fused is not None:  # the weights become the result's memory: no second input-sized tensor
+        if fused is not None:
             total, weights = fused
         else:
             weights = _shifted_weights(x, peak, tau)
             total = _window_sums(weights, geometry)
-            weights = weights if keep else None  # recomputed per sample rather than held beside the result
         if not bool((total > torch.finfo(x.dtype).tiny * _DENOMINATOR_MARGIN).all()):
             return None
-        return cls(x, geometry, tau, peak, total.reciprocal_(), spare, weights, owned=not keep)
+        reciprocal = total.reciprocal_()
+        return cls(x, geometry, tau, peak, reciprocal, spare, weights, owned=not keep, compiled=fused is not None)
 
     def route(self, v: Tensor) -> Tensor:
+        """The weights times the spread of ``v / window sums``; when owned, written over the weights
+        (the result needs no new input-sized tensor, and on tiling windows no spread tensor either)."""
         routed = self.reciprocal.mul_(v) if self.owned else self.reciprocal * v
         layout = (self.geometry, self.spare, _tiles(self.x, self.geometry))
-        if self.weights is None:
-            spread = _spread(routed, self.x, *layout)
-            for i in range(spread.shape[0]):
-                spread[i].mul_(_shifted_weights(self.x[i], self.peak[i], self.tau))
-            return spread
-        if not self.owned:
-            return _spread(routed, self.x, *layout).mul_(self.weights)
-        fused = _SPREAD_INTO.follow(self.weights, routed, self.x, layout)
-        return fused if fused is not None else self.weights.mul_(_spread(routed, self.x, *layout))
+        if self.owned and self.compiled:
+            fused = _SPREAD_INTO.follow(self.weights, routed, self.x, layout)
+            if fused is not None:
+                return fused
+        if layout[2]:  # each window's positions times its value, through a broadcast view: one pass
+            (kh, kw), (oh, ow) = self.geometry[0], routed.shape[-2:]
+            windows = self.weights.unflatten(-1, (ow, kw)).unflatten(-3, (oh, kh))
+            per_window = routed[..., :, None, :, None]
+            if self.owned:
+                windows.mul_(per_window)
+                return self.weights
+            return (windows * per_window).reshape(self.x.shape)
+        spread = _spread(routed, self.x, *layout)
+        return self.weights.mul_(spread) if self.owned else spread.mul_(self.weights)
 
 
 def _spread(routed: Tensor, x: Tensor, geometry: Geometry, spare: list[int], tiles: bool) -> Tensor:
@@ -211,12 +219,33 @@ class _PhaseRouting:
         oh, ow = v.shape[-2:]
         sh, sw = self.stride
         routed = v / self.total
-        grads = {key: torch.zeros(shape, dtype=v.dtype, device=v.device) for key, shape in self.plane_shapes.items()}
+        if torch._C._functorch.is_legacy_batchedtensor(v):
+            return self._route_out_of_place(routed)
+        # new_zeros, not torch.zeros: under a batched backward (vmap over targets) the buffers must carry the batch too
+        grads = {key: routed.new_zeros(shape) for key, shape in self.plane_shapes.items()}
         for (a, r, c, q), weight in zip(self.taps, self.weights):
             grads[(a, c)][..., r : r + oh, q : q + ow].addcmul_(weight, routed)
-        gp = torch.zeros(v.shape[:-2] + self.padded_shape[-2:], dtype=v.dtype, device=v.device)
+        gp = routed.new_zeros(v.shape[:-2] + self.padded_shape[-2:])
         for (a, c), grad in grads.items():
             gp[..., a::sh, c::sw] = grad
+        return F.pad(gp, tuple(-p for p in self.pads))
+
+    def _route_out_of_place(self, routed: Tensor) -> Tensor:
+        """:meth:`route` without writes into slices, which the batched backward across targets
+        (``is_grads_batched``) cannot run: each tap's share is padded into place and summed, and each
+        stride phase is interleaved into the padded input's grid by a reshape."""
+        oh, ow = routed.shape[-2:]
+        sh, sw = self.stride
+        height, width = self.padded_shape[-2:]
+        gp = None
+        for (a, r, c, q), weight in zip(self.taps, self.weights):
+            ph, pw = self.plane_shapes[(a, c)][-2:]
+            share = F.pad(weight * routed, (q, pw - q - ow, r, ph - r - oh))  # in the plane's grid
+            stuffed = F.pad(share[..., :, None, :, None], (c, sw - 1 - c, 0, 0, a, sh - 1 - a))
+            placed = stuffed.reshape(*share.shape[:-2], ph * sh, pw * sw)
+            placed = F.pad(placed, (0, width - pw * sw, 0, height - ph * sh))
+            gp = placed if gp is None else gp + placed
+        assert gp is not None
         return F.pad(gp, tuple(-p for p in self.pads))
 
 

@@ -124,13 +124,33 @@ class Sum(Source):
         return self.scaled(1.0)
 
     def scaled(self, factor: float) -> Tensor:
-        return self.a.scaled(factor).add_(self.b.scaled(factor))
+        return scaled_sum(self.terms(), factor)
 
     def terms(self) -> tuple[Term, ...]:
         return self.a.terms() + self.b.terms()
 
     def direct(self) -> bool:
         return self.a.direct() and self.b.direct()
+
+
+def scaled_sum(terms: tuple[Term, ...], factor: float) -> Tensor:
+    """``factor * x`` for x = the sum of ``terms``, in one pass per term: the shifts are summed first
+    (per-channel, cheap), a plain tensor is added with ``alpha=factor``, a scaled one by ``addcmul_``."""
+    shifts = [shift for _, scale, shift in terms if scale is not None]
+    shift = sum(shifts[1:], shifts[0]) * factor if shifts else None
+    out: Tensor | None = None
+    for t, scale, _ in terms:
+        if out is None:
+            if scale is not None:  # then ``shift`` is set
+                out = torch.addcmul(shift, t, scale * factor)
+            else:
+                out = t * factor if shift is None else torch.add(shift, t, alpha=factor)
+        elif scale is None:
+            out.add_(t, alpha=factor)
+        else:
+            out.addcmul_(t, scale * factor)
+    assert out is not None
+    return out
 
 
 def attach(t: Tensor, source: Source) -> None:
