@@ -165,12 +165,13 @@ class Run(NamedTuple):
     logs: list[float]  # the callback's seconds per log
 
 
-def run(with_callback: bool, batches: int, epochs: int, root: str) -> Run:
-    """One fit with or without the callback."""
+def run(with_callback: bool, batches: int, epochs: int, root: str, accelerator: str = "cpu") -> Run:
+    """One fit with or without the callback (``accelerator``: Lightning's, e.g. ``"gpu"``)."""
     pl.seed_everything(0, verbose=False)
     seconds, clock = Seconds(), StepClock()
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
+        devices=1,
         max_epochs=epochs,
         callbacks=[clock, SemanticPullbackCallback()] if with_callback else [clock],
         logger=[TensorBoardLogger(root), seconds],

@@ -76,38 +76,43 @@ def timed(run: Callable[[], Any], clock: ForwardClock) -> tuple[float, float, np
     return total, clock.seconds / total, scores
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--side", type=int, default=224)
-    parser.add_argument("--infidelity-repeats", type=int, default=1)
-    parser.add_argument("--monotonicity-samples", type=int, default=1)
-    parser.add_argument("--sensitivity-samples", type=int, default=3)
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
+#: One comparison: metric name, its setting, the Quantus run and ours (each returns per-sample scores).
+Case = tuple[str, str, Callable[[], Any], Callable[[], Any]]
+
+
+def metric_cases(n: int, side: int, r: int, d: int, s: int, device: str = "cpu") -> tuple[ForwardClock, list[Case]]:
+    """The comparisons on a random-init resnet18 and ``n`` random images ``side`` x ``side`` on ``device``.
+
+    Args:
+        n: images.
+        side: image height and width.
+        r: Infidelity rounds.
+        d: MonotonicityCorrelation draws per step.
+        s: MaxSensitivity draws.
+        device: where the model and both sides' forwards run (Quantus gets the same ``device``).
+    """
     torch.manual_seed(0)
-    n, side = args.images, args.side
-    model = torchvision.models.resnet18().eval()
+    model = torchvision.models.resnet18().eval().to(device)
     clock = ForwardClock(model)
-    x = torch.rand(n, 3, side, side) * 2 - 1
-    y = torch.randint(0, 1000, (n,))
+    x = (torch.rand(n, 3, side, side) * 2 - 1).to(device)
+    y = torch.randint(0, 1000, (n,)).to(device)
     explainer = SoftPullback(model)
     a = explainer.attribute(x, y)
-    xn, yn, an = x.numpy(), y.numpy(), a.numpy()
+    xn, yn, an = x.cpu().numpy(), y.cpu().numpy(), a.cpu().numpy()
     explain_func = QuantusExplainFunc(explainer)
     step, patch = 3 * side * side // 48, side // 4
-    quantus_common: dict[str, Any] = {"model": model, "x_batch": xn, "y_batch": yn, "device": "cpu", "channel_first": True}
+    quantus_common: dict[str, Any] = {"model": model, "x_batch": xn, "y_batch": yn, "device": device, "channel_first": True}
     uniform = {"uniform_low": -1.0, "uniform_high": 1.0}
-    mosaics = make_mosaics(x, torch.randint(0, 4, (n,)), generator=0)
+    mosaics = make_mosaics(x, torch.randint(0, 4, (n,)).to(device), generator=0)
     mosaic_a = explainer.attribute(mosaics.images, mosaics.target)
     positions = (mosaics.tile_labels == mosaics.target[:, None]).int().tolist()
-    masks = torch.rand(n, 1, side, side) > 0.7
+    masks = (torch.rand(n, 1, side, side) > 0.7).to(device)
     one_channel = a.sum(dim=1, keepdim=True)
 
     def ours(metric: Any, *update: Any) -> Callable[[], np.ndarray]:
         def run() -> np.ndarray:
             metric.update(*update)
-            return metric.per_sample_scores().numpy()
+            return metric.per_sample_scores().cpu().numpy()
 
         return run
 
@@ -122,8 +127,7 @@ def main() -> None:
         finally:
             np.random.choice = original
 
-    r, d, s = args.infidelity_repeats, args.monotonicity_samples, args.sensitivity_samples
-    cases: list[tuple[str, str, Callable[[], Any], Callable[[], Any]]] = [
+    cases: list[Case] = [
         (
             "FaithfulnessEstimate", "48 steps of 3136",
             lambda: quantus.FaithfulnessEstimate(features_in_step=step, abs=True, perturb_baseline=0.0,
@@ -164,32 +168,56 @@ def main() -> None:
         (
             "Focus", "2x2 mosaics",
             lambda: quantus.Focus(disable_warnings=True)(
-                model=model, x_batch=mosaics.images.numpy(), y_batch=mosaics.target.numpy(),
-                a_batch=(mosaics.images * mosaic_a).numpy(), custom_batch=positions, device="cpu", channel_first=True),
+                model=model, x_batch=mosaics.images.cpu().numpy(), y_batch=mosaics.target.cpu().numpy(),
+                a_batch=(mosaics.images * mosaic_a).cpu().numpy(), custom_batch=positions, device=device,
+                channel_first=True),
             ours(Focus(model), mosaics.images, mosaic_a, mosaics.target, mosaics.tile_labels),
         ),
         (
             "PointingGame", "random masks",
-            lambda: quantus.PointingGame(disable_warnings=True)(a_batch=one_channel.numpy(), s_batch=masks.numpy().astype(np.float32), **quantus_common),
+            lambda: quantus.PointingGame(disable_warnings=True)(a_batch=one_channel.cpu().numpy(), s_batch=masks.cpu().numpy().astype(np.float32), **quantus_common),
             ours(PointingGame(model), x, one_channel, y, masks),
         ),
         (
             "RelevanceMass", "random masks",
-            lambda: quantus.RelevanceMassAccuracy(disable_warnings=True)(a_batch=one_channel.numpy(), s_batch=masks.numpy().astype(np.float32), **quantus_common),
+            lambda: quantus.RelevanceMassAccuracy(disable_warnings=True)(a_batch=one_channel.cpu().numpy(), s_batch=masks.cpu().numpy().astype(np.float32), **quantus_common),
             ours(RelevanceMass(model), x, one_channel, y, masks),
         ),
     ]
+    return clock, cases
+
+
+def compare_case(case: Case, clock: ForwardClock) -> dict[str, Any]:
+    """Run one comparison, Quantus first: seconds, forward-time shares and scores of both sides."""
+    name, setting, theirs, mine = case
+    q_time, q_share, q_scores = timed(theirs, clock)
+    o_time, o_share, o_scores = timed(mine, clock)
+    diff = float(np.nanmax(np.abs(q_scores - o_scores))) if q_scores.shape == o_scores.shape else float("nan")
+    return {"name": name, "setting": setting, "quantus_s": q_time, "ours_s": o_time, "speedup": q_time / o_time,
+            "shares": (q_share, o_share), "max_diff": diff, "means": (np.nanmean(q_scores), np.nanmean(o_scores))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--side", type=int, default=224)
+    parser.add_argument("--infidelity-repeats", type=int, default=1)
+    parser.add_argument("--monotonicity-samples", type=int, default=1)
+    parser.add_argument("--sensitivity-samples", type=int, default=3)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    n, side = args.images, args.side
+    clock, cases = metric_cases(n, side, args.infidelity_repeats, args.monotonicity_samples, args.sensitivity_samples)
     print(f"resnet18 (random init), {n} images {side}x{side}, CPU, torch {torch.__version__}, quantus {quantus.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     header = f"{'metric':<24} {'setting':<22} {'quantus s':>10} {'ours s':>9} {'speed-up':>9} {'fwd share q/ours':>17} {'max |diff|':>11} {'mean q / ours':>17}"
     print(header)
     print("-" * len(header))
-    for name, setting, theirs, mine in cases:
-        q_time, q_share, q_scores = timed(theirs, clock)
-        o_time, o_share, o_scores = timed(mine, clock)
-        diff = float(np.nanmax(np.abs(q_scores - o_scores))) if q_scores.shape == o_scores.shape else float("nan")
-        print(f"{name:<24} {setting:<22} {q_time:>10.2f} {o_time:>9.2f} {q_time / o_time:>8.1f}x "
-              f"{q_share:>8.0%} / {o_share:<6.0%} {diff:>11.2e} {np.nanmean(q_scores):>8.3f} / {np.nanmean(o_scores):<7.3f}",
+    for case in cases:
+        c = compare_case(case, clock)
+        (q_share, o_share), (q_mean, o_mean) = c["shares"], c["means"]
+        print(f"{c['name']:<24} {c['setting']:<22} {c['quantus_s']:>10.2f} {c['ours_s']:>9.2f} {c['speedup']:>8.1f}x "
+              f"{q_share:>8.0%} / {o_share:<6.0%} {c['max_diff']:>11.2e} {q_mean:>8.3f} / {o_mean:<7.3f}",
               flush=True)
 
 

@@ -70,12 +70,16 @@ def make_step(model: nn.Module, rules: SoftRules | None, x: torch.Tensor, y: tor
 
 
 def compare(
-    name: str, variants: dict[str, SoftRules | None], batch: int, size: int, repeats: int, clock: Callable[[], float]
+    name: str, variants: dict[str, SoftRules | None], batch: int, size: int, repeats: int, clock: Callable[[], float],
+    device: str = "cpu",
 ) -> dict[str, float]:
-    """Median step seconds of every variant (each on its own copy of the model), measured alternately."""
+    """Median step seconds of every variant (each on its own copy of the model), measured alternately.
+
+    On a GPU, pass a ``clock`` that synchronises the device first, or the steps are only queued.
+    """
     torch.manual_seed(0)
-    model = build(name, size)
-    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+    model = build(name, size).to(device)
+    x, y = torch.randn(batch, 3, size, size, device=device), torch.randint(0, 1000, (batch,), device=device)
     steps = {key: make_step(copy.deepcopy(model), rules, x, y) for key, rules in variants.items()}
     for step in steps.values():  # warm-up (allocator, lazy init)
         step()

@@ -77,6 +77,12 @@ class Explainer:
         model: maps a batch of inputs to logits (or to an output ``logits_fn`` reads logits from).
         rules: which soft rules the backward uses (``SoftRules.hard()`` is the plain gradient).
         logits_fn: maps the model output to (B, num_classes) logits; default :func:`default_logits`.
+
+    Attributes:
+        batch_targets: for T > 1 targets per input, pull all T back in one batched backward pass
+            (:func:`batched_pullback`; default). ``False``: one backward per target, after the same
+            shared forward; slower on a GPU, but it needs no ``torch.vmap`` support from the backward
+            of a model's own ``autograd.Function``s.
     """
 
     def __init__(self, model: nn.Module, rules: SoftRules, logits_fn: LogitsFn | None = None) -> None:
@@ -87,6 +93,7 @@ class Explainer:
         self.model = model
         self.rules = replace(rules, param_grads=False)  # only input gradients are ever taken
         self.logits_fn = logits_fn or default_logits
+        self.batch_targets = True
 
     def attribute(self, inputs: Tensor, target: TargetLike) -> Tensor:
         """Explanation shaped like ``inputs`` (or (B, T, ...) for (B, T) targets)."""
@@ -143,7 +150,50 @@ class Explainer:
                 f"got values in [{int(targets.min())}, {int(targets.max())}]."
             )
         selected = logits.gather(1, targets)
+        if count > 1 and self.batch_targets:
+            try:
+                return batched_pullback(selected, x)
+            except RuntimeError as error:  # e.g. a model's own autograd.Function whose backward vmap cannot run
+                warnings.warn(
+                    f"sp_lightning: the batched backward over {count} targets failed ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''}); using one backward per target. "
+                    "Set explainer.batch_targets = False to skip the attempt.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         grads = [
             torch.autograd.grad(selected[:, t].sum(), x, retain_graph=t < count - 1)[0] for t in range(count)
         ]
         return torch.stack(grads, dim=1)
+
+
+def batched_pullback(selected: Tensor, x: Tensor) -> Tensor:
+    """(B, T, ...) pullbacks of the columns of ``selected`` (B, T) to ``x`` in ONE backward pass.
+
+    The T one-hot cotangents (T, B, T) travel through the graph together as a batch
+    (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. ``torch.vmap`` over the
+    backward): each backward op runs once on a T-times larger cotangent instead of T
+    times, which is what pays on a GPU, where T small launches cost more than one big one.
+    Record the graph with ``keep_derived=True``: each soft rule then derives its gate once,
+    as a plain tensor, and multiplies the cotangents into a fresh tensor, which vmap batches
+    (without it, a rule may multiply a cotangent into its gate in place, which vmap refuses).
+
+    Args:
+        selected: the target logits, (B, T), from a forward on ``x``.
+        x: the leaf the pullbacks are taken with respect to.
+
+    Returns:
+        (B, T, *x.shape[1:]): the same values as T separate backward passes (within float tolerance).
+
+    Example:
+        >>> x = torch.tensor([[1.0, 2.0]], requires_grad=True)
+        >>> batched_pullback(torch.stack([x[:, 0] * x[:, 1], 3 * x[:, 1]], dim=1), x)
+        tensor([[[2., 1.],
+                 [0., 3.]]])
+    """
+    count = selected.shape[1]
+    one_hot = torch.eye(count, dtype=selected.dtype, device=selected.device)
+    cotangents = one_hot[:, None, :].expand(count, selected.shape[0], count)
+    # The graph is kept so that the caller can fall back to T separate passes if vmap fails.
+    (grads,) = torch.autograd.grad(selected, x, cotangents, retain_graph=True, is_grads_batched=True)
+    return grads.transpose(0, 1).contiguous()
