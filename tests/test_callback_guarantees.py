@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -320,10 +320,10 @@ def test_logging_before_set_up_is_a_clear_error() -> None:
         SemanticPullbackCallback().log_explanations(SimpleNamespace(global_step=0), TinyClassifier())
 
 
-def test_parameter_sharding_strategies_are_refused() -> None:
-    callback = SemanticPullbackCallback()
-    with pytest.raises(RuntimeError, match="does not support FSDPStrategy.*Use DDP"):
-        callback.on_fit_start(SimpleNamespace(strategy=FSDPStrategy()), TinyClassifier())
+def test_deepspeed_is_refused_with_the_alternatives() -> None:
+    deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # its __init__ needs the deepspeed package
+    with pytest.raises(RuntimeError, match="does not support DeepSpeedStrategy.*ModelParallelStrategy.*FSDPStrategy"):
+        SemanticPullbackCallback().on_fit_start(SimpleNamespace(strategy=deepspeed), TinyClassifier())
 
 
 @pytest.mark.parametrize(

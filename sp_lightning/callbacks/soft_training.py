@@ -14,7 +14,11 @@ the precision plugin's autocast) inside the engine's stateless
 - validation, test, predict, sanity checks and every callback hook run
   outside the mode: explanation callbacks see the plain model;
 - the user's model is never touched (no hooks, no swapped modules); the
-  strategy gets its own ``training_step`` back when training ends or fails.
+  strategy gets its own ``training_step`` back when training ends or fails;
+- under FSDP2 (``ModelParallelStrategy``) the sharded modules' backward uses
+  the soft gates like any other (the rules act on ops, not on modules), and the
+  schedule travels in sharded checkpoints with the other callback states.
+  DeepSpeed is refused (see :func:`~sp_lightning.distributed.refuse_deepspeed`).
 
 Temperatures can follow a schedule (:mod:`sp_lightning.schedule`); the rules
 are rebuilt (a new immutable ``SoftRules`` and mode) only when a temperature
@@ -34,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch._dynamo import OptimizedModule
 
+from ..distributed import refuse_deepspeed
 from ..engine import MaxPoolPadding, SoftBackwardMode, SoftRules
 from ..schedule import RuleSchedules, TemperatureSchedule
 
@@ -117,6 +122,7 @@ class SoftBackwardTraining(Callback):
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":  # a new fit: forget the last one's schedule (a checkpoint may restore it next)
+            refuse_deepspeed(trainer, type(self).__name__)
             self._resolved, self._mode, self._current = None, None, None
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

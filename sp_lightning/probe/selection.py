@@ -36,11 +36,32 @@ class ProbeSet:
     indices: list[int] | None = None
 
     def shard(self, model: nn.Module, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor | None]:
-        """Rank ``rank``'s share (images ``rank::world_size``) on ``model``'s device, images in its dtype."""
+        """Rank ``rank``'s share on ``model``'s device, images in its dtype: images ``rank::world_size``, padded.
+
+        Every rank gets the same number of images, ``ceil(N / world_size)``: a short shard is
+        padded by repeating one of the probe images, because under FSDP every forward and
+        backward is a collective that all ranks must run together. :func:`shard_sizes` says
+        how many of each rank's images are real (``merge_shards`` drops the rest).
+
+        Example:
+            >>> probe = ProbeSet(torch.arange(3.0).view(3, 1, 1, 1), torch.tensor([0, 1, 2]))
+            >>> probe.shard(nn.Linear(1, 1), rank=1, world_size=2)[1]
+            tensor([1, 1])
+        """
         param = next((p for p in model.parameters() if p.is_floating_point()), None)
         dtype, device = (param.dtype, param.device) if param is not None else (torch.float32, torch.device("cpu"))
-        images = self.images[rank::world_size].to(device=device, dtype=dtype)
-        return images, None if self.labels is None else self.labels[rank::world_size].to(device)
+        count = len(self.images)
+        indices = list(range(rank, count, world_size))
+        if count:
+            filler = indices[-1] if indices else rank % count
+            indices += [filler] * (-(-count // world_size) - len(indices))
+        images = self.images[indices].to(device=device, dtype=dtype)
+        return images, None if self.labels is None else self.labels[indices].to(device)
+
+
+def shard_sizes(count: int, world_size: int) -> list[int]:
+    """How many real (unpadded) images of ``count`` each of ``world_size`` ranks explains (:meth:`ProbeSet.shard`)."""
+    return [len(range(rank, count, world_size)) for rank in range(world_size)]
 
 
 @contextmanager
