@@ -4,6 +4,8 @@ Examples::
 
     sp-lightning fit                                    # small CNN on the synthetic shapes
     sp-lightning tensorboard lightning_logs             # watch it, every logged step kept
+    sp-lightning explain --config configs/tiny.yaml --ckpt_path 'lightning_logs/version_0/checkpoints/*.ckpt' --out x
+    sp-lightning evaluate --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt --out eval  # paper's table
     sp-lightning fit --config configs/shapes.yaml --config callbacks/ddp.yaml
     sp-lightning fit --model.init_args.backbone timm:resnet18 --data CIFAR10DataModule
 
@@ -23,7 +25,9 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from .data import ImageDataModule, ShapesDataModule
 from .distributed import releasing_process_group
+from .evaluation.run import main as run_evaluate
 from .models import ImageClassifier
+from .replay import run_explain
 from .tensorboard_server import run_tensorboard
 
 
@@ -67,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if words[:1] == ["tensorboard"]:
         sys.exit(run_tensorboard(words[1:]))
     with releasing_process_group():
+        if words[:1] == ["evaluate"]:  # the paper's explanation-quality table for a checkpoint
+            sys.exit(run_evaluate(words[1:], run_cli))
+        if words[:1] == ["explain"]:  # what SemanticPullbackCallback would have logged, for saved checkpoints
+            sys.exit(run_explain(words[1:], run_cli))
         run_cli(None if argv is None else words)  # None: LightningCLI reads sys.argv itself
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..explainers import Explainer
+from ..explainers.external import is_captum_attribution
 from ..probe.explain import METRICS, REDUCTIONS
 from ..sinks import ImageSink
 
@@ -56,8 +58,28 @@ def validate_arguments(options: dict[str, Any]) -> None:
         raise ValueError(f"Unknown metrics {unknown}; choose from {sorted(METRICS)}.")
     if metrics is not None and len(set(metrics)) != len(metrics):
         raise ValueError(f"metrics lists a name twice: {metrics}.")
+    check_explainers(options["explainers"])
     if options["model_attr"] is not None and not isinstance(options["model_attr"], str):
         raise TypeError(f"model_attr must be an attribute name, got {type(options['model_attr']).__name__}.")
     sinks = options["sinks"]
     if sinks is not None and not all(isinstance(s, ImageSink) for s in sinks):
         raise TypeError("sinks must be a list of sp_lightning.sinks.ImageSink objects.")
+
+
+def check_explainers(explainers: Any) -> None:
+    """``explainers=``: a dict of names to callables ``(model, inputs, target)``, Captum attributions or explainers."""
+    if explainers is None:
+        return
+    if not isinstance(explainers, dict):
+        raise TypeError(
+            "explainers must be a dict of name -> explainer, e.g. {'IG': IntegratedGradients(model)}, "
+            f"got {type(explainers).__name__}."
+        )
+    for name, explain in explainers.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"explainers' names must be non-empty strings (tile captions), got {name!r}.")
+        if not (isinstance(explain, Explainer) or is_captum_attribution(explain) or callable(explain)):
+            raise TypeError(
+                f"explainers[{name!r}] must be a callable (model, inputs, target) -> attribution, a Captum "
+                f"Attribution or an sp_lightning explainer, got {type(explain).__name__}."
+            )

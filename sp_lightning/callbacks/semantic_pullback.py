@@ -19,12 +19,11 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from ..distributed import gather_objects
+from ..distributed import explained_module, gather_objects, refuse_deepspeed
 from ..display.panels import Frame, PanelStyle
 from ..display.timelapse import TimeLapse
 from ..explainers import equivalent_alpha
@@ -34,8 +33,9 @@ from ..probe.explain import (
 )
 from ..probe.input_space import InputSpace, resolve_input_space
 from ..probe.selection import BatchFn, ProbeSet, read_probe, resumed_probe, select_probe, validate_probe, validation_loader
-from ..sinks import ImageSink, image_sinks, run_directory
+from ..sinks import ImageSink
 from .arguments import validate_arguments
+from .context import LogContext, trainer_context
 from .writer import PanelWriter
 
 OnError = Literal["raise", "warn"]
@@ -80,6 +80,10 @@ class SemanticPullbackCallback(Callback):
             ``random_logit``, ``faithfulness_correlation``, ``faithfulness_estimate``,
             ``infidelity``, ``max_sensitivity``, ``monotonicity_correlation`` (cheap settings,
             seeded with ``seed``, the same draws at every log).
+        explainers: other explainers, name -> a callable ``(model, inputs, target) -> attribution``
+            (``target`` a LongTensor (B,)), a Captum ``Attribution`` built on the explained model, or
+            an sp_lightning explainer; each map toward the first target is an extra tile after the
+            gradient, drawn like the Soft Pullback. Coarser maps (Grad-CAM) are upsampled to the input.
         reduction: channel reduction of heatmaps: ``mean``, ``sum``, ``abs_mean``, ``l2``.
         color_scale: fixed heatmap scale (values at +-color_scale are full colour), so brightness
             is comparable across images and steps; ``None`` scales each map by the 99th
@@ -111,7 +115,10 @@ class SemanticPullbackCallback(Callback):
 
     Probe images given with ``images=`` (or a new ``num_images``) on resuming from a checkpoint
     replace the checkpoint's probe set, with a warning that the time-lapse starts again.
-    FSDP, DeepSpeed and ModelParallel strategies shard parameters and are refused at fit start.
+    Under FSDP2 (``ModelParallelStrategy``) and FSDP1 (``FSDPStrategy``) every rank explains an
+    equal-sized (padded) share in lockstep, since each forward gathers parameters from all ranks.
+    DeepSpeed is refused at fit start. With ``WeightAveraging``/``EMAWeightAveraging`` the live
+    weights are explained (the ones training updates), not the average.
 
     Example:
         >>> import lightning as L
@@ -138,6 +145,7 @@ class SemanticPullbackCallback(Callback):
         model_attr: str | None = None,
         logits_fn: LogitsFn | None = None,
         metrics: list[str] | None = None,
+        explainers: dict[str, Any] | None = None,
         reduction: Reduction = "mean",
         color_scale: float | None = None,
         overlay: bool = True,
@@ -165,6 +173,7 @@ class SemanticPullbackCallback(Callback):
         self.rules = SoftRules.create(temperatures)
         self.model_attr, self.logits_fn = model_attr, logits_fn
         self.metrics = list(metrics or [])
+        self.explainers = dict(explainers or {})
         self.reduction = reduction
         self.style = PanelStyle(color_scale, overlay, opacity, min_image_size, max_image_size)
         self.mean, self.std, self.denormalize, self.input_bounds = mean, std, denormalize, input_bounds
@@ -218,18 +227,25 @@ class SemanticPullbackCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build and check everything, so problems surface before any training step."""
-        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
-            raise RuntimeError(
-                f"SemanticPullbackCallback does not support {type(trainer.strategy).__name__}: it shards the "
-                "parameters, so the model cannot be run outside the wrapper on one rank. Use DDP, or explain a "
-                "saved checkpoint with sp_lightning's explainers after training."
-            )
-        model = self._model(pl_module)
+        refuse_deepspeed(trainer, type(self).__name__)
         if self._probe is None:
-            self._probe = self._choose_probe(trainer)
-        probe = self._probe
+            self._probe = self.choose_probe(
+                lambda: validation_loader(trainer), share=lambda probe: trainer.strategy.broadcast(probe, src=0)
+            )
+        self.prepare(pl_module, self._probe, trainer.datamodule)
+
+    def prepare(self, pl_module: pl.LightningModule, probe: ProbeSet, datamodule: Any = None) -> None:
+        """Resolve the input space and explanation settings for ``probe`` and check the model on it (fit start's work).
+
+        Args:
+            pl_module: the module whose model (see ``model_attr``) is explained.
+            probe: the probe set to explain from now on.
+            datamodule: where ``mean``/``std`` and class names are read from when not given.
+        """
+        model = self._model(pl_module)
+        self._probe = probe
         self._space = resolve_input_space(
-            probe.images, trainer.datamodule, mean=self.mean, std=self.std, input_bounds=self.input_bounds,
+            probe.images, datamodule, mean=self.mean, std=self.std, input_bounds=self.input_bounds,
             denormalize=self.denormalize, class_names=self.class_names,
         )
         alpha = self.ascent_alpha or equivalent_alpha(probe.images.shape[1:], range_width=self._space.width)
@@ -237,6 +253,7 @@ class SemanticPullbackCallback(Callback):
             top_k=self.top_k, gradient=self.gradient, counterfactual=self.counterfactual,
             ascent_steps=self.ascent_steps, alpha=alpha, bounds=self._space.bounds, rules=self.rules,
             logits_fn=self.logits_fn, reduction=self.reduction, metrics=tuple(self.metrics), seed=self.seed,
+            explainers=tuple(self.explainers.items()),
         )
         self._shown = self._space.to_display(probe.images)
         images, labels = probe.shard(model)
@@ -268,14 +285,14 @@ class SemanticPullbackCallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Training already failed: finish the pending images, but only warn about their own failure."""
         try:
-            self._close_writer()
+            self.close()
         except Exception as error:  # on_error="raise" must not hide the exception that stopped training
             rank_zero_warn(str(error))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Finish pending images (e.g. from ``log_explanations`` under ``trainer.validate``)."""
-        self._close_writer()
+        self.close()
 
     def wait(self) -> None:
         """Block until the last log's images are written; report their failure as ``on_error`` says."""
@@ -283,8 +300,8 @@ class SemanticPullbackCallback(Callback):
         if failure is not None:
             self._fail(failure[0], self._describe(failure[1]), failure[1])
 
-    def _close_writer(self) -> None:
-        """Write the pending images, then end the drawing thread (a new writer starts with the next log)."""
+    def close(self) -> None:
+        """Write the pending images, end the drawing thread and close the sinks (the next log starts a new writer)."""
         writer, self._writer = self._writer, None
         failure = writer.close() if writer is not None else None
         if failure is not None:
@@ -293,18 +310,27 @@ class SemanticPullbackCallback(Callback):
     # ------------------------------------------------------------------ set-up
 
     def _model(self, pl_module: pl.LightningModule) -> nn.Module:
-        """The module to explain: the LightningModule itself (never a DDP wrapper) or one of its attributes."""
+        """The module to explain: the LightningModule itself (never a DDP wrapper) or one of its attributes
+        (through FSDP1's root wrapper, compiled modules eagerly: ``explained_module``)."""
         if self.model_attr is None:
-            return pl_module
+            return explained_module(pl_module, pl_module)
         model = getattr(pl_module, self.model_attr, None)
         if not isinstance(model, nn.Module):
             raise AttributeError(
                 f"model_attr={self.model_attr!r}: {type(pl_module).__name__} has no nn.Module attribute of that name."
             )
-        return model
+        return explained_module(pl_module, model)
 
-    def _choose_probe(self, trainer: pl.Trainer) -> ProbeSet:
-        """The user's images, the checkpoint's, or a fresh selection from the validation data (see ``resumed_probe``)."""
+    def choose_probe(
+        self, find_loader: Callable[[], Any], share: Callable[[ProbeSet], ProbeSet] = lambda probe: probe
+    ) -> ProbeSet:
+        """The user's images, the checkpoint's, or a fresh selection from the validation data (see ``resumed_probe``).
+
+        Args:
+            find_loader: returns the validation dataloader to select from (``None``: there is none);
+                called only when a fresh selection is needed.
+            share: hands a fresh selection to every process (rank 0's wins).
+        """
         probe, change = resumed_probe(self._saved_probe, self._user_probe, self.num_images)
         self._saved_probe = None
         if change is not None:
@@ -315,7 +341,7 @@ class SemanticPullbackCallback(Callback):
             self._previous = None
         if probe is not None:
             return probe
-        loader = validation_loader(trainer)
+        loader = find_loader()
         if loader is None:
             raise RuntimeError(
                 "SemanticPullbackCallback needs probe images: give the Trainer validation data "
@@ -323,7 +349,7 @@ class SemanticPullbackCallback(Callback):
             )
         probe = select_probe(loader, self.num_images, self.seed, self.batch_fn)
         # every rank should explain the same images, even if its data differs (e.g. per-rank transforms)
-        return trainer.strategy.broadcast(probe, src=0)
+        return share(probe)
 
     # ------------------------------------------------------------------ one log
 
@@ -340,21 +366,34 @@ class SemanticPullbackCallback(Callback):
         DDP call it from a hook that all ranks run. Rank 0 writes. Failures are handled as
         ``on_error`` says. Works from any hook, also under ``torch.inference_mode``.
         """
+        self._check_set_up("log_explanations")
+        self.log_step(pl_module, trainer_context(trainer, self.png_dir, self.sinks))
+
+    def _check_set_up(self, caller: str) -> None:
         if self._probe is None or self._settings is None:
-            raise RuntimeError("log_explanations needs the set-up done at fit start; call it during trainer.fit.")
-        step = trainer.global_step
+            raise RuntimeError(f"{caller} needs the set-up done at fit start; call it during trainer.fit (or prepare).")
+
+    def log_step(self, pl_module: pl.LightningModule, context: LogContext) -> None:
+        """:meth:`log_explanations` without a Trainer: explain and log at ``context.step`` (after :meth:`prepare`).
+
+        Args:
+            pl_module: the module whose model (see ``model_attr``) is explained.
+            context: the step, epoch, rank, loggers, sinks and run directory of this log.
+        """
+        self._check_set_up("log_step")
+        assert self._probe is not None
+        step = context.step
         if step == self._last_step:
             return
         self._last_step = step
         start = time.perf_counter()
-        rank, world_size = trainer.global_rank, trainer.world_size
+        rank, world_size = context.rank, context.world_size
         payload: tuple[Explanations | None, str | None] = (None, None)
         error: BaseException | None = None
         try:
             model = self._model(pl_module)
-            images, labels = self._probe.shard(model, rank, world_size)
-            if len(images):
-                payload = (self.explain(model, images, labels), None)
+            images, labels = self._probe.shard(model, rank, world_size)  # equal sizes: FSDP runs in lockstep
+            payload = (self.explain(model, images, labels), None)
         except Exception as exc:  # reported below on every rank, so no rank waits alone in a collective
             error = exc
             payload = (None, self._describe(exc))
@@ -363,38 +402,37 @@ class SemanticPullbackCallback(Callback):
         if failures:
             self._fail(step, failures[0], error)
             return
-        result = merge_shards([shard for shard, _ in shards], world_size)
+        result = merge_shards([shard for shard, _ in shards], world_size, len(self._probe.images))
         drift = None if self._previous is None else correlation(self._previous, result.soft_maps[:, 0])
         self._previous = result.soft_maps[:, 0].clone()
-        if not trainer.is_global_zero:
+        if not context.is_global_zero:
             return
         self.wait()  # rank 0 alone from here on: no collectives below
         try:
             self._warn_if_not_finite(step, result)
-            self._writer_for(trainer).write(self._frame(trainer, step, result))
+            self._writer_for(context).write(self._frame(context, result))
             values = {f"{self.tag}/seconds": time.perf_counter() - start, **scalars(result, self.tag, self.metrics, drift)}
-            for logger in trainer.loggers:
+            for logger in context.loggers:
                 logger.log_metrics(values, step=step)
         except Exception as exc:
             self._fail(step, self._describe(exc), exc)
 
-    def _frame(self, trainer: pl.Trainer, step: int, result: Explanations) -> Frame:
+    def _frame(self, context: LogContext, result: Explanations) -> Frame:
         """The immutable snapshot the drawing thread gets: display-space images and this log's explanations."""
         assert self._probe is not None and self._space is not None and self._shown is not None
         if result.counterfactuals is not None:
             result = dataclasses.replace(result, counterfactuals=self._space.to_display(result.counterfactuals))
         labels = self._probe.labels
         return Frame(
-            tag=self.tag, step=step, epoch=trainer.current_epoch, images=self._shown,
+            tag=self.tag, step=context.step, epoch=context.epoch, images=self._shown,
             labels=None if labels is None else labels.clone(), class_names=self._space.class_names,
-            explanations=result, style=self.style,
+            explanations=result, style=self.style, explainer_names=tuple(self.explainers),
         )
 
-    def _writer_for(self, trainer: pl.Trainer) -> PanelWriter:
+    def _writer_for(self, context: LogContext) -> PanelWriter:
         if self._writer is None:
-            timelapse = TimeLapse(os.path.join(run_directory(trainer), self.tag, "timelapse")) if self.timelapse else None
-            sinks = image_sinks(trainer, self.png_dir, extra=self.sinks)
-            self._writer = PanelWriter(sinks, timelapse, self.background)
+            timelapse = TimeLapse(os.path.join(context.run_directory(), self.tag, "timelapse")) if self.timelapse else None
+            self._writer = PanelWriter(context.sinks(), timelapse, self.background)
         return self._writer
 
     def _warn_if_not_finite(self, step: int, result: Explanations) -> None:

@@ -66,6 +66,7 @@ class Frame:
         class_names: a name per class index, or ``None`` ("class 3").
         explanations: the log's explanations, counterfactuals already in display space.
         style: how tiles are drawn.
+        explainer_names: a caption per map of ``explanations.explainer_maps`` (the callback's ``explainers=``).
     """
 
     tag: str
@@ -76,6 +77,7 @@ class Frame:
     class_names: tuple[str, ...] | None
     explanations: Explanations
     style: PanelStyle
+    explainer_names: tuple[str, ...] = ()
 
     def name(self, index: int) -> str:
         return self.class_names[index] if self.class_names is not None else f"class {index}"
@@ -120,7 +122,7 @@ def render_panels(frame: Frame) -> dict[str, Tensor]:
     """A labelled panel per probe image and a compact overview, keyed by tag.
 
     A probe panel shows the input, the Soft Pullback toward each target, the
-    gradient, and each counterfactual beside its difference to the input. The overview shows,
+    gradient, the maps of any extra explainers, and each counterfactual beside its difference to the input. The overview shows,
     for every probe image, the input, the Soft Pullback toward the first target (the true
     label) and the counterfactual toward it.
     """
@@ -141,6 +143,9 @@ def render_panels(frame: Frame) -> dict[str, Tensor]:
         if result.gradient_maps is not None:
             maps = torch.cat([maps, result.gradient_maps[i][None]])
             captions.append([f"grad: {name(int(targets[0]))}", captions[0][1]])
+        if result.explainer_maps is not None:  # the callback's explainers=, toward the first target
+            maps = torch.cat([maps, result.explainer_maps[i]])
+            captions += [[f"{label}: {name(int(targets[0]))}", captions[0][1]] for label in frame.explainer_names]
         heat = heat_tiles(maps, shown, captions, style)
         source = image_tiles(shown[None], [["input", f"true {name(int(labels[i]))}" if labels is not None
                                             else "no label"]], style)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..explainers import Gradient, PullbackAscent, SoftPullback
+from ..explainers import Gradient, PullbackAscent, SoftPullback, as_explainer
 from ..engine import LogitsFn, SoftRules, preserved_state, read_logits
 from ..metrics import (
     ExplainerMetric,
@@ -30,7 +30,7 @@ from ..metrics import (
     MonotonicityCorrelation,
     RandomLogit,
 )
-from .selection import isolated_rng
+from .selection import isolated_rng, shard_sizes
 
 Reduction = Literal["mean", "sum", "abs_mean", "l2"]
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "abs_mean", "l2")
@@ -80,6 +80,7 @@ class Explanations:
     logit_gain: Tensor | None = None  # (N, 2)
     probability_gain: Tensor | None = None  # (N, 2)
     metric_scores: Tensor | None = None  # (N, M) per-image scores of the chosen metrics, in their order
+    explainer_maps: Tensor | None = None  # (N, E, H, W) channel-reduced maps of the extra explainers toward targets[:, 0]
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ class ExplainSettings:
         reduction: channel reduction of the maps.
         metrics: names from :data:`METRICS` to score the Soft Pullback toward the first target.
         seed: seed of the metrics' perturbations.
+        explainers: ``(name, explainer)`` pairs of extra explainers (see
+            :func:`~sp_lightning.explainers.as_explainer`), each mapped toward the first target.
     """
 
     top_k: int
@@ -112,6 +115,7 @@ class ExplainSettings:
     reduction: Reduction
     metrics: tuple[str, ...]
     seed: int
+    explainers: tuple[tuple[str, Any], ...] = ()
 
 
 def no_autocast(device: torch.device) -> Any:
@@ -137,6 +141,28 @@ def rank_targets(probabilities: Tensor, labels: Tensor | None, top_k: int) -> tu
     return ranked[:, : top_k + 1], ranked[:, :2]
 
 
+def metric_options(name: str, classes: int, bounds: tuple[Tensor, Tensor], cheap: bool) -> dict[str, Any]:
+    """Constructor options of metric ``name`` (a key of :data:`METRICS`) for inputs within ``bounds``.
+
+    The paper's settings, moved from its [-1, 1] inputs to this range (uniform perturbations
+    span it, MaxSensitivity's radius stays 1% of it); patch and step sizes scale with the
+    input size inside the metrics. ``cheap``: the callback's settings, fewer draws (Infidelity
+    1 round, MaxSensitivity 2 draws, MonotonicityCorrelation 1 draw per step).
+    """
+    low, high = bounds
+    uniform = (float(low.min()), float(high.max()))
+    options: dict[str, Any] = {
+        "random_logit": {"num_classes": classes},
+        "infidelity": {"uniform_range": uniform},
+        "max_sensitivity": {"radius": 0.01 * float((high - low).mean())},
+        "monotonicity_correlation": {"uniform_range": uniform},
+    }.get(name, {})
+    if cheap:
+        options.update({"infidelity": {"repeats": 1}, "max_sensitivity": {"samples": 2},
+                        "monotonicity_correlation": {"samples": 1}}.get(name, {}))
+    return options
+
+
 def build_metric(
     name: str, model: nn.Module, explainer: SoftPullback, classes: int, settings: ExplainSettings
 ) -> ExplanationMetric:
@@ -145,14 +171,7 @@ def build_metric(
     Fresh at every log, seeded with ``settings.seed``: the same draws each time, and no state
     kept. ``sync_on_compute=False``: the callback gathers the per-image scores itself.
     """
-    low, high = settings.bounds
-    uniform = (float(low.min()), float(high.max()))
-    options: dict[str, Any] = {
-        "random_logit": {"num_classes": classes},
-        "infidelity": {"repeats": 1, "uniform_range": uniform},
-        "max_sensitivity": {"samples": 2, "radius": 0.01 * float((high - low).mean())},
-        "monotonicity_correlation": {"samples": 1, "uniform_range": uniform},
-    }.get(name, {})
+    options = metric_options(name, classes, settings.bounds, cheap=True)
     cls = METRICS[name]
     if issubclass(cls, ExplainerMetric):
         options["explainer"] = explainer
@@ -196,6 +215,12 @@ def explain_probe(model: nn.Module, images: Tensor, labels: Tensor | None, setti
             grad = Gradient(model, settings.logits_fn).attribute(images, targets[:, 0]).float()
             fields["cosine"] = F.cosine_similarity(grad.flatten(1), soft[:, 0].flatten(1), dim=1)
             fields["gradient_maps"] = reduce_channels(grad, settings.reduction)
+        if settings.explainers:
+            fields["explainer_maps"] = torch.stack([
+                reduce_channels(as_explainer(explain, model, name).attribute(images, targets[:, 0]).float(),
+                                settings.reduction)
+                for name, explain in settings.explainers
+            ], dim=1)
         if settings.counterfactual:
             fields.update(_counterfactuals(model, images, logits, targets, cf_targets, raw, settings))
     return Explanations(**{name: value.detach().cpu() for name, value in fields.items()})
@@ -227,8 +252,17 @@ def _counterfactuals(
     }
 
 
-def merge_shards(shards: Sequence[Explanations | None], world_size: int) -> Explanations:
-    """Put per-rank results back in probe order: rank r explained images r, r + world_size, ..."""
+def merge_shards(shards: Sequence[Explanations | None], world_size: int, count: int | None = None) -> Explanations:
+    """Put per-rank results back in probe order: rank r explained images r, r + world_size, ...
+
+    ``count``: the number of probe images; each shard's padding past its real images
+    (:meth:`~sp_lightning.probe.selection.ProbeSet.shard`) is dropped.
+    """
+    if count is not None:
+        shards = [
+            None if shard is None or size == 0 else _first(shard, size)
+            for shard, size in zip(shards, shard_sizes(count, world_size))
+        ]
     present = [(rank, shard) for rank, shard in enumerate(shards) if shard is not None]
     order = torch.cat(
         [torch.arange(rank, rank + world_size * len(shard.targets), world_size) for rank, shard in present]
@@ -240,6 +274,14 @@ def merge_shards(shards: Sequence[Explanations | None], world_size: int) -> Expl
         parts = [getattr(shard, field.name) for _, shard in present]
         merged[field.name] = None if parts[0] is None else torch.cat(parts)[inverse]
     return Explanations(**merged)
+
+
+def _first(shard: Explanations, size: int) -> Explanations:
+    """The first ``size`` images' results of one shard."""
+    return Explanations(**{
+        field.name: None if getattr(shard, field.name) is None else getattr(shard, field.name)[:size]
+        for field in dataclasses.fields(Explanations)
+    })
 
 
 def correlation(a: Tensor, b: Tensor) -> Tensor:
