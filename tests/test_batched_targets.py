@@ -4,8 +4,8 @@
 batched across the T targets (``torch.autograd.grad(..., is_grads_batched=True)``).
 Checked on CPU against T separate single-target calls, for zoo models with
 BatchNorm, attention in two forms and hardswish/hardsigmoid, with the soft rules
-and with the plain gradient; and the per-target loop (``batch_targets = False``)
-that a model whose backward vmap cannot batch falls back to.
+and with the plain gradient; and the per-target loop (``batch_targets = False``, the
+CPU's default) that a model whose backward vmap cannot batch falls back to.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ def separately(explainer: Explainer, x: Tensor, targets: Tensor) -> Tensor:
 
 
 def without_warnings(explainer: Explainer, x: Tensor, targets: Tensor) -> Tensor:
-    """``attribute`` that fails on any warning (so a fallback from the batched pass cannot hide)."""
+    """``attribute`` with the batched backward (the CPU's default is per target), failing on any warning
+    (so a fallback from the batched pass cannot hide)."""
+    explainer.batch_targets = True
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         return explainer.attribute(x, targets)
@@ -120,8 +122,11 @@ def test_backward_vmap_cannot_run_falls_back_with_a_warning() -> None:
     model = _Custom()
     x, targets = torch.randn(3, 6), torch.tensor([[0, 1], [2, 3], [1, 1]])
     explainer = SoftPullback(model)
+    explainer.batch_targets = True
     with pytest.warns(RuntimeWarning, match="batched backward over 2 targets failed.*batch_targets = False"):
         result = explainer.attribute(x, targets)
     torch.testing.assert_close(result, separately(explainer, x, targets))
     explainer.batch_targets = False
-    torch.testing.assert_close(without_warnings(explainer, x, targets), result)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(explainer.attribute(x, targets), result)

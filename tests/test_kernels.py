@@ -95,11 +95,19 @@ def test_several_targets_match_separate_calls_on_the_compiled_path(
 ) -> None:
     model, (x, _) = Block(), inputs
     targets = torch.tensor([[0, 3], [1, 4], [2, 0], [3, 1]])
-    together = SoftPullback(model).attribute(x, targets)
+    looped = SoftPullback(model)
+    looped.batch_targets = False  # one backward per target: the compiled kernels serve each
+    together = looped.attribute(x, targets)
     assert calls["_phi_of_terms"] == 3  # each gate derived once for both targets
+    calls.clear()
+    explainer = SoftPullback(model)
+    explainer.batch_targets = True
+    batched = explainer.attribute(x, targets)  # one backward under a vmap: eager kernels, none compiled
+    assert not calls
     for t in range(2):
         alone = SoftPullback(model).attribute(x, targets[:, t])
-        torch.testing.assert_close(together[:, t], alone, rtol=1e-5, atol=1e-7 * float(alone.abs().max()))
+        for result in (together, batched):
+            torch.testing.assert_close(result[:, t], alone, rtol=1e-5, atol=1e-7 * float(alone.abs().max()))
 
 
 def test_no_compiled_kernel_while_a_higher_order_graph_is_recorded(

@@ -16,6 +16,7 @@ from .config import DEFAULT_TEMPERATURES, UNTEMPERED_RULES, MaxPoolPadding, Soft
 from .coverage import CoverageReport, coverage_report
 from .logits import LogitsFn, default_logits, read_logits
 from .mode import CoverageRecorder, SoftBackwardMode, UncoveredGatedOpWarning
+from .rules.kernels import eager_kernels
 from .scope import SoftBackward, soft_backward, suspended
 from .session import explaining, preserved_state
 
@@ -32,6 +33,7 @@ __all__ = [
     "UncoveredGatedOpWarning",
     "coverage_report",
     "default_logits",
+    "eager_kernels",
     "explaining",
     "preserved_state",
     "read_logits",

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..engine import LogitsFn, SoftBackwardMode, SoftRules, default_logits, explaining, read_logits
+from ..engine import LogitsFn, SoftBackwardMode, SoftRules, default_logits, eager_kernels, explaining, read_logits
 
 TargetLike = int | Tensor
 
@@ -79,10 +79,12 @@ class Explainer:
         logits_fn: maps the model output to (B, num_classes) logits; default :func:`default_logits`.
 
     Attributes:
-        batch_targets: for T > 1 targets per input, pull all T back in one batched backward pass
-            (:func:`batched_pullback`; default). ``False``: one backward per target, after the same
-            shared forward; slower on a GPU, but it needs no ``torch.vmap`` support from the backward
-            of a model's own ``autograd.Function``s.
+        batch_targets: for T > 1 targets per input, ``True`` pulls all T back in one batched
+            backward pass (:func:`batched_pullback`), ``False`` runs one backward per target after the
+            same shared forward (it needs no ``torch.vmap`` support from the backward of a model's own
+            ``autograd.Function``s). ``None`` (default): batched on accelerators, where one large
+            backward beats T small ones; per target on the CPU, where the batched pass measured
+            slower (it cannot use the compiled kernels; benchmarks/RESULTS.md).
     """
 
     def __init__(self, model: nn.Module, rules: SoftRules, logits_fn: LogitsFn | None = None) -> None:
@@ -93,7 +95,7 @@ class Explainer:
         self.model = model
         self.rules = replace(rules, param_grads=False)  # only input gradients are ever taken
         self.logits_fn = logits_fn or default_logits
-        self.batch_targets = True
+        self.batch_targets: bool | None = None
 
     def attribute(self, inputs: Tensor, target: TargetLike) -> Tensor:
         """Explanation shaped like ``inputs`` (or (B, T, ...) for (B, T) targets)."""
@@ -150,7 +152,8 @@ class Explainer:
                 f"got values in [{int(targets.min())}, {int(targets.max())}]."
             )
         selected = logits.gather(1, targets)
-        if count > 1 and self.batch_targets:
+        batched = self.batch_targets if self.batch_targets is not None else x.device.type != "cpu"
+        if count > 1 and batched:
             try:
                 return batched_pullback(selected, x)
             except RuntimeError as error:  # e.g. a model's own autograd.Function whose backward vmap cannot run
@@ -195,5 +198,6 @@ def batched_pullback(selected: Tensor, x: Tensor) -> Tensor:
     one_hot = torch.eye(count, dtype=selected.dtype, device=selected.device)
     cotangents = one_hot[:, None, :].expand(count, selected.shape[0], count)
     # The graph is kept so that the caller can fall back to T separate passes if vmap fails.
-    (grads,) = torch.autograd.grad(selected, x, cotangents, retain_graph=True, is_grads_batched=True)
+    with eager_kernels():  # nothing can be compiled under the vmap
+        (grads,) = torch.autograd.grad(selected, x, cotangents, retain_graph=True, is_grads_batched=True)
     return grads.transpose(0, 1).contiguous()

@@ -30,7 +30,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -94,10 +95,31 @@ def compile_policy() -> str:
     return policy
 
 
-def _inside_vmap() -> bool:
-    """Whether a functorch transform runs (a backward batched across targets is a ``vmap``): a kernel
-    compiled there fails, and its failure would send every later call to the eager code."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+_EAGER_BLOCKS = [0]  # how many eager_kernels() blocks are open (process-wide: autograd may use other threads)
+
+
+@contextmanager
+def eager_kernels() -> Iterator[None]:
+    """Run the soft rules' kernels eagerly inside the block, without compiling any.
+
+    For a backward batched across targets (``torch.autograd.grad(..., is_grads_batched=True)``
+    runs it under a vmap): compiling there fails, and the failure would send every later call
+    to the eager code for the rest of the process.
+    """
+    _EAGER_BLOCKS[0] += 1
+    try:
+        yield
+    finally:
+        _EAGER_BLOCKS[0] -= 1
+
+
+def _batched(x: Tensor) -> bool:
+    """Whether kernels must stay eager for ``x``: inside :func:`eager_kernels`, or ``x`` batched by a vmap."""
+    return (
+        _EAGER_BLOCKS[0] > 0
+        or torch._C._functorch.is_legacy_batchedtensor(x)
+        or torch._C._functorch.peek_interpreter_stack() is not None
+    )
 
 
 class CompiledKernel:
@@ -114,7 +136,7 @@ class CompiledKernel:
         policy = compile_policy()
         if self.broken or policy == "never" or x.numel() < MIN_FUSED_NUMEL or not x.is_floating_point():
             return False
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or _inside_vmap():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or _batched(x):
             return False
         if self.compiled is None and policy == "auto" and self.eager_elements < COMPILE_AFTER_ELEMENTS:
             self.eager_elements += x.numel()
