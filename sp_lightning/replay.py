@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from .callbacks import SemanticPullbackCallback
 from .callbacks.context import LogContext
 from .probe.selection import ProbeSet, isolated_rng
+from .run_config import config_arguments
 from .sinks import ImageSink, PngSink, TensorBoardSink
 
 #: Callback options the replay does not take: the schedule (the checkpoints are the schedule) and
@@ -295,8 +296,13 @@ def run_explain(argv: Sequence[str], run_cli: Callable[..., Any]) -> int:
     # the run's model and data, built on this machine's CPU whatever hardware the run used
     overrides = ["--trainer.logger=false", "--trainer.accelerator=cpu", "--trainer.devices=1",
                  "--trainer.strategy=auto", "--trainer.num_nodes=1", "--trainer.precision=32-true"]
+    try:
+        configs = config_arguments(args.config)  # a run's saved config.yaml works too
+    except FileNotFoundError as error:
+        print(f"sp-lightning explain: error: {error}", file=sys.stderr)
+        return 2
     with mock.patch.object(sys, "argv", sys.argv[:1]):  # else LightningCLI warns that ours are not its arguments
-        run = run_cli([arg for path in args.config for arg in ("--config", path)] + overrides, run=False)
+        run = run_cli(configs + overrides, run=False)
     configured = configured_callback(run.config)
     defaults = {f"callback.{k}": v for k, v in configured.items() if k not in NOT_REPLAYED}
     if defaults:

@@ -109,11 +109,12 @@ def test_a_run_without_the_callback_gets_its_panels_scalars_and_timelapse(plain_
 
 def test_replay_of_a_run_with_the_callback_gives_its_scalars_at_its_steps(callback_run: tuple[Path, Path],
                                                                           tmp_path: Path) -> None:
-    config, log_dir = callback_run
+    _, log_dir = callback_run
     checkpoints = log_dir / "checkpoints"
     out = tmp_path / "explained"
-    explain("--config", str(TINY), "--config", str(config), "--ckpt_path", str(checkpoints / "*.ckpt"),
-            "--out", str(out))
+    saved = log_dir / "config.yaml"  # what `fit` saved, with its own ckpt_path option in it
+    assert "ckpt_path" in yaml.safe_load(saved.read_text())
+    explain("--config", str(saved), "--ckpt_path", str(checkpoints / "*.ckpt"), "--out", str(out))
     trained, replayed = events(log_dir), events(out)
     assert [e.step for e in trained.Images("semantic_pullback/overview")] == steps_of(checkpoints)
     assert sorted(replayed.Tags()["images"]) == sorted(

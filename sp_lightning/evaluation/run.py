@@ -19,7 +19,6 @@ per-image scores before rank 0 writes the table.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,9 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import yaml
 from lightning.fabric import Fabric
-from lightning.pytorch import Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -37,6 +34,7 @@ from ..explainers import Explainer
 from ..metrics import ExplainerMetric, ExplanationScores, Focus, PointingGame, RelevanceMass, make_mosaics
 from ..probe.explain import METRICS, metric_options
 from ..probe.input_space import resolve_input_space
+from ..run_config import config_arguments
 from .rows import default_explainers
 from .table import EvaluationTable, Score
 
@@ -83,27 +81,6 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
-
-
-def config_arguments(paths: Sequence[str]) -> list[str]:
-    """``--config`` arguments for LightningCLI; a fit run's saved ``config.yaml`` loses the ``fit`` options.
-
-    ``Trainer.fit``'s own options (``ckpt_path``, ``weights_only``) are written into the run's
-    config but are not settings of the model, data or trainer.
-    """
-    fit_options = set(inspect.signature(Trainer.fit).parameters) - {"self", "model", "train_dataloaders",
-                                                                    "val_dataloaders", "datamodule"}
-    arguments = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--config {path}: no such file.")
-        with open(path, encoding="utf-8") as handle:
-            content = yaml.safe_load(handle)
-        if isinstance(content, dict) and fit_options & set(content):
-            arguments += ["--config", yaml.safe_dump({k: v for k, v in content.items() if k not in fit_options})]
-        else:
-            arguments += ["--config", path]
-    return arguments
 
 
 def load_weights(model: nn.Module, path: str) -> None:
