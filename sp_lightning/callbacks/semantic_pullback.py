@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -30,6 +29,7 @@ from ..explainers import equivalent_alpha
 from ..engine import LogitsFn, SoftRules
 from ..probe.explain import (
     ExplainSettings, Explanations, Reduction, check_model, correlation, explain_probe, merge_shards, scalars,
+    warn_if_not_finite,
 )
 from ..probe.input_space import InputSpace, resolve_input_space
 from ..probe.selection import BatchFn, ProbeSet, read_probe, resumed_probe, select_probe, validate_probe, validation_loader
@@ -409,7 +409,7 @@ class SemanticPullbackCallback(Callback):
             return
         self.wait()  # rank 0 alone from here on: no collectives below
         try:
-            self._warn_if_not_finite(step, result)
+            warn_if_not_finite(result, step)
             self._writer_for(context).write(self._frame(context, result))
             values = {f"{self.tag}/seconds": time.perf_counter() - start, **scalars(result, self.tag, self.metrics, drift)}
             for logger in context.loggers:
@@ -434,15 +434,6 @@ class SemanticPullbackCallback(Callback):
             timelapse = TimeLapse(os.path.join(context.run_directory(), self.tag, "timelapse")) if self.timelapse else None
             self._writer = PanelWriter(context.sinks(), timelapse, self.background)
         return self._writer
-
-    def _warn_if_not_finite(self, step: int, result: Explanations) -> None:
-        """Say so when the model's outputs or its explanations hold NaN or infinite values (e.g. diverged)."""
-        broken = [name for name in ("probabilities", "soft_maps") if not bool(torch.isfinite(getattr(result, name)).all())]
-        if broken:
-            rank_zero_warn(
-                f"SemanticPullbackCallback at step {step}: the {' and '.join(broken)} hold NaN or infinite values "
-                "(has training diverged?); their tiles are flagged in the panels."
-            )
 
     def _fail(self, step: int, message: str, error: BaseException | None) -> None:
         """Raise or warn about a failed log, as ``on_error`` says."""

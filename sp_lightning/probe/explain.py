@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..explainers import Gradient, PullbackAscent, SoftPullback, as_explainer
@@ -290,6 +291,16 @@ def correlation(a: Tensor, b: Tensor) -> Tensor:
     b = b.flatten(1) - b.flatten(1).mean(dim=1, keepdim=True)
     denominator = (a.norm(dim=1) * b.norm(dim=1)).clamp_min(torch.finfo(a.dtype).tiny)
     return (a * b).sum(dim=1) / denominator
+
+
+def warn_if_not_finite(result: Explanations, step: int) -> None:
+    """Say so when the model's outputs or its explanations hold NaN or infinite values (e.g. training diverged)."""
+    broken = [name for name in ("probabilities", "soft_maps") if not bool(torch.isfinite(getattr(result, name)).all())]
+    if broken:
+        rank_zero_warn(
+            f"SemanticPullbackCallback at step {step}: the {' and '.join(broken)} hold NaN or infinite values "
+            "(has training diverged?); their tiles are flagged in the panels."
+        )
 
 
 def scalars(result: Explanations, tag: str, metrics: Sequence[str], drift: Tensor | None) -> dict[str, float]:
