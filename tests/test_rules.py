@@ -312,6 +312,19 @@ def test_maxpool_kept_routing_serves_several_passes_in_either_memory_layout(name
             torch.testing.assert_close(g, expected)
 
 
+def test_maxpool_tiling_windows_take_any_dynamic_range() -> None:
+    """Each tiling window is shifted by its own maximum: a channel spanning 1e4 (one shift per channel
+    would underflow its other windows' denominators) and a window with a far tail match the reference."""
+    x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float32)
+    x[0, 0] *= 1e4
+    x[0, 1, 0, 0] = -50.0  # its weight exp(-50 / 0.3) is far below the flush threshold
+    v = torch.randn(1, 2, 2, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float32)
+    _, (g,) = vjp(lambda t: F.max_pool2d(t, 2), (x,), v, {"maxpool": 0.3})
+    expected = naive_soft_maxpool(x.double(), v.double(), (2, 2), (2, 2), (0, 0), (1, 1), 0.3, -math.inf)
+    torch.testing.assert_close(g, expected.float())
+    assert g[0, 1, 0, 0] == 0.0
+
+
 def test_maxpool_module_with_indices_and_unbatched_input() -> None:
     x = torch.randn(3, 6, 6)
     pool = nn.MaxPool2d(2, return_indices=True)
