@@ -17,7 +17,9 @@ A second table follows, at torch's default thread count and wall clock
 whatever ``--threads`` and ``--clock`` say (how users run): the gradient, SP
 with the eager kernels (``SP_LIGHTNING_COMPILE=never``) and SP with the compiled
 ones (``always``), all three interleaved in one process (the policy is read at
-each backward, so it switches between calls). ``first x``: each policy's first
+each backward, so it switches between calls). ``x`` is the ratio of the medians, ``pair x`` the
+median of each round's own ratio (a round runs the three back to back, so a slow patch of the
+machine slows both sides of its ratio: the steadier figure on a noisy machine). ``first x``: each policy's first
 SP call in a fresh process (after one gradient call, so the process's own lazy
 set-up is not counted) against that process's second gradient call; for the
 compiled kernels it includes compiling them, or loading them from inductor's
@@ -193,7 +195,7 @@ def policy_table(models: tuple[str, ...], batch: int, size: int, repeats: int) -
     print(f"\ntorch's default {DEFAULT_THREADS} threads, wall clock, batch {batch} at {size}x{size}, median of "
           f"{repeats} interleaved (gradient, SP never, SP always); first x: first SP call in a fresh process")
     print(f"{'model':<10} {'grad s':>7} " + " ".join(
-        f"{p + ' s':>8} {p + ' x':>8} {'min x':>6} {'first x':>7} {'mem x':>6}" for p in POLICIES))
+        f"{p + ' s':>8} {p + ' x':>8} {'pair x':>6} {'min x':>6} {'first x':>7} {'mem x':>6}" for p in POLICIES))
     previous = os.environ.get("SP_LIGHTNING_COMPILE")
     try:
         for name in models:
@@ -215,10 +217,11 @@ def policy_table(models: tuple[str, ...], batch: int, size: int, repeats: int) -
             cells = []
             for policy in POLICIES:
                 s = statistics.median(times[policy])
+                paired = statistics.median(a / b for a, b in zip(times[policy], times["gradient"]))
                 fastest = min(times[policy]) / min(times["gradient"])
                 first = in_child("--first-call", [name, str(batch), str(size)], policy)
                 memory = peak_mib(name, "soft", batch, size, policy)["alloc_mib"] / a_grad
-                cells.append(f"{s:8.3f} {s / g:8.3f} {fastest:6.3f} {first['sp_first_s'] / first['grad_s']:7.2f} "
+                cells.append(f"{s:8.3f} {s / g:8.3f} {paired:6.3f} {fastest:6.3f} {first['sp_first_s'] / first['grad_s']:7.2f} "
                              f"{memory:6.3f}")
             print(f"{name:<10} {g:7.3f} " + " ".join(cells), flush=True)
     finally:

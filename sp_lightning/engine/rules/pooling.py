@@ -63,7 +63,8 @@ def _shifted_weights(x: Tensor, peak: Tensor, tau: float) -> Tensor:
     fused = _SHIFTED_WEIGHTS.maybe(x, x, peak, scalar=1.0 / tau)
     if fused is not None:
         return fused
-    return torch.threshold_(torch.sub(x, peak).mul_(1.0 / tau).exp_(), torch.finfo(x.dtype).tiny, 0.0)
+    shifted = torch.add(peak * (-1.0 / tau), x, alpha=1.0 / tau)  # (x - M) / tau in one pass
+    return torch.threshold_(shifted.exp_(), torch.finfo(x.dtype).tiny, 0.0)
 
 
 def _ones(x: Tensor, kernel: tuple[int, int]) -> Tensor:
