@@ -660,6 +660,22 @@ def test_param_grads_off_skips_parameter_gradients_only(x: Tensor, v: Tensor) ->
     torch.testing.assert_close(g_input, expected)
 
 
+@pytest.mark.parametrize("window", [(2, 2, 0), (3, 2, 1)], ids=["tiling", "separable"])
+def test_maxpool_backward_reuses_the_pooled_output_a_sequential_dropped(window: tuple[int, int, int]) -> None:
+    """In a ``Sequential`` the pooled output's Python tensor dies once the next layer has run (that
+    layer saves only the C++ tensor); the backward still reads the forward's output instead of
+    running the max-pool again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(*window), nn.Conv2d(4, 2, 3, padding=1))
+    leaf = torch.randn(2, 3, 8, 8).requires_grad_(True)
+    with soft_backward(model):
+        out = model(leaf)
+    with OpCounter() as counter:
+        torch.autograd.grad(out.sum(), leaf)
+    assert counter.ops["max_pool2d_with_indices"] == counter.ops["max_pool2d"] == 0
+    assert counter.ops["convolution_backward"] == 2  # the counter saw the backward
+
+
 def test_maxpool_output_changed_in_place_afterwards() -> None:
     """``x = pool(x); x += skip`` (as in Xception) is allowed by the plain max-pool; the soft rule recomputes
     the pooled output it needs instead of failing, and matches the out-of-place form."""
