@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -695,3 +696,47 @@ def test_maxpool_output_changed_in_place_afterwards() -> None:
         return torch.autograd.grad(out.sum(), leaf)[0]
 
     torch.testing.assert_close(run(True), run(False))
+
+
+def _conv_bn_relu_pool() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(4, 2, 3, padding=1)).eval()
+
+
+def test_backward_frees_what_the_rules_held_while_the_graph_lives() -> None:
+    """Like autograd's saved tensors, what a soft rule holds (the recipe's BatchNorm input, the pooled
+    output) is freed once its backward has run, not when the whole graph is dropped."""
+    torch.manual_seed(0)
+    model = _conv_bn_relu_pool()
+    held: dict[str, weakref.ref] = {}
+
+    def keep_weakref(name: str) -> Callable[[nn.Module, Any, Tensor], None]:
+        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+            held[name] = weakref.ref(output)
+        return hook
+
+    model[0].register_forward_hook(keep_weakref("conv"))
+    model[3].register_forward_hook(keep_weakref("pooled"))
+    leaf = torch.randn(2, 3, 8, 8).requires_grad_(True)
+    with soft_backward(model):
+        out = model(leaf)
+    assert held["conv"]() is not None and held["pooled"]() is not None  # the graph holds them
+    torch.autograd.grad(out.sum(), leaf)
+    assert out.grad_fn is not None  # the graph itself is still alive
+    assert held["conv"]() is None and held["pooled"]() is None
+
+
+@pytest.mark.parametrize("rule", ["relu", "maxpool"])
+def test_second_backward_needs_retain_graph(rule: str) -> None:
+    """With ``retain_graph=True`` the rules keep what they hold and serve another backward (same result);
+    without it, a second backward is refused with a message naming the fix, not run on freed values."""
+    torch.manual_seed(0)
+    model = Lambda(lambda t: F.relu(t * 2)) if rule == "relu" else Lambda(lambda t: F.max_pool2d(t * 2, 3, 2, 1))
+    leaf = torch.randn(2, 3, 8, 8).requires_grad_(True)
+    with soft_backward(model):
+        out = model(leaf).sum()
+    first = torch.autograd.grad(out, leaf, retain_graph=True)[0]
+    second = torch.autograd.grad(out, leaf)[0]
+    assert torch.equal(first, second)
+    with pytest.raises(RuntimeError, match="a soft rule a second time.*retain_graph=True"):
+        torch.autograd.grad(out, leaf)

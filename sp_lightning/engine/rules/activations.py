@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .interface import Handler, Scope, arg, derived, flush_tiny_, needs_soft
+from .interface import Handler, Scope, arg, derived, ensure_held, flush_tiny_, needs_soft, release
 from .kernels import Scales, emit_cotangents, fused_gate_cotangents, fused_phi, fused_phi_cotangents
 from .recipes import Source, Stored, detach_recipe, source_for
 
@@ -180,7 +180,9 @@ class SoftElementwise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, ...]:
+        ensure_held(ctx)
         grads = _cotangents(ctx, v, ctx.scales if ctx.scales is not None else (None,))
+        release(ctx, "source", "kept")
         if ctx.scales is None:  # one cotangent, for x
             return grads[0], None
         wanted = ctx.needs_input_grad[2:]  # the terms follow x and the settings

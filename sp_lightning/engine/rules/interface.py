@@ -70,6 +70,32 @@ def flush_tiny_(gate: Tensor) -> Tensor:
     return torch.threshold_(gate, TINY, 0.0)
 
 
+def release(ctx: Any, *names: str) -> None:
+    """Drop what a rule's backward held on ``ctx`` once it has run, as autograd frees saved tensors,
+    unless the running backward keeps its graph (``retain_graph``) and may run the rule again.
+
+    Attributes of ``ctx`` otherwise live until the whole graph is dropped: a recipe would hold every
+    recomputed layer's input through the rest of the backward, and the backward's own buffers would
+    then come from fresh heap pages instead of the ones those inputs leave behind.
+    """
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if query is None or query():  # a torch that cannot tell: keep everything, as before
+        return
+    for name in names:
+        setattr(ctx, name, None)
+    ctx.released = True
+
+
+def ensure_held(ctx: Any) -> None:
+    """Refuse a second backward through a rule whose held values an earlier one released."""
+    if getattr(ctx, "released", False):
+        raise RuntimeError(
+            "sp_lightning: trying to backward through a soft rule a second time, after the first "
+            "backward freed what it held. Pass retain_graph=True to the first backward (or "
+            "torch.autograd.grad) to backpropagate through the same graph again."
+        )
+
+
 def derived(ctx: Any, compute: Callable[[], Any]) -> Any:
     """What a rule's backward derives from the forward (a gate, window weights, softened attention).
 

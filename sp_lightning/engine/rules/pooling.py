@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .interface import Handler, Scope, arg, derived, flush_tiny_, needs_soft
+from .interface import Handler, Scope, arg, derived, ensure_held, flush_tiny_, needs_soft, release
 from .kernels import CompiledKernel
 
 
@@ -344,6 +344,7 @@ class SoftMaxPool2d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, v: Tensor, *unused: Any) -> tuple[Tensor | None, ...]:
+        ensure_held(ctx)
         squeeze = v.dim() == 3
 
         def routing() -> _TiledRouting | _SeparableRouting | _PhaseRouting:
@@ -364,6 +365,7 @@ class SoftMaxPool2d(torch.autograd.Function):
             )
 
         grad = derived(ctx, routing).route(v.unsqueeze(0) if squeeze else v)
+        release(ctx, "pooled", "call", "kept")
         return (grad.squeeze(0) if squeeze else grad), None, None, None, None, None
 
 
