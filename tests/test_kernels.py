@@ -81,8 +81,10 @@ def test_large_activations_use_the_compiled_kernels_and_match_the_eager_code(
     assert calls["terms affine"] == 1  # ReLU after an eval BatchNorm
     assert calls["terms affine+stored"] == 1  # ReLU of BatchNorm + residual
     assert calls["terms stored"] == 1  # GELU
-    # each max-pool (tiling windows too): the window totals and weights, then the spread cotangent times the weights
-    assert calls["_window_totals_body"] == calls["_spread_into_body"] == 2
+    # each max-pool (tiling windows too): the window totals and weights; then the spread cotangent times
+    # the weights, compiled for the 2x2 pool (the 3x3/2 one on even sizes spreads faster eagerly)
+    assert calls["_window_totals_body"] == 2
+    assert calls["_spread_into_body"] == 1
     eager(monkeypatch)
     calls.clear()
     reference = SoftPullback(model).attribute(*inputs)

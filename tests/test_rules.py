@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from _support import Lambda, float64_default
 
 from sp_lightning import SoftRules, UncoveredGatedOpWarning, coverage_report, soft_backward
+from sp_lightning.engine.rules import pooling
 from sp_lightning.engine.rules.interface import TINY
 
 
@@ -311,6 +312,32 @@ def test_maxpool_kept_routing_serves_several_passes_in_either_memory_layout(name
         for _ in range(2 if keep else 1):
             (g,) = torch.autograd.grad(out, leaf, v, retain_graph=keep)
             torch.testing.assert_close(g, expected)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 6), (3, 8, 8)])
+def test_maxpool_stem_windows_on_even_sizes_add_even_and_odd_positions(
+    shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ResNet's stem pool (3x3, stride 2, padding 1) on even sizes takes its window sums and their
+    transpose from adds on the even and odd positions, and matches the reference."""
+    used: list[str] = []
+
+    def spy(name: str) -> Callable[..., Tensor]:
+        original = getattr(pooling, name)
+
+        def counted(*args: Any) -> Tensor:
+            used.append(name)
+            return original(*args)
+
+        return counted
+
+    for name in ("_halving_sums", "_halving_spread_times"):
+        monkeypatch.setattr(pooling, name, spy(name))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(8)) * 2
+    v = torch.randn(F.max_pool2d(x, 3, 2, 1).shape, generator=torch.Generator().manual_seed(9))
+    _, (g,) = vjp(lambda t: F.max_pool2d(t, 3, 2, 1), (x,), v, {"maxpool": 0.3})
+    torch.testing.assert_close(g, naive_soft_maxpool(x, v, (3, 3), (2, 2), (1, 1), (1, 1), 0.3, float("-inf")))
+    assert set(used) == {"_halving_sums", "_halving_spread_times"}
 
 
 def test_maxpool_tiling_windows_take_any_dynamic_range() -> None:
@@ -637,9 +664,10 @@ def test_switched_off_rules_are_reported() -> None:
     assert report.softened == {"relu": 1} and report.switched_off == {"gelu": 1} and report.clean
 
 
-def test_maxpool_extreme_dynamic_range_falls_back_exactly() -> None:
+@pytest.mark.parametrize("size", [7, 8])
+def test_maxpool_extreme_dynamic_range_falls_back_exactly(size: int) -> None:
     """Windows far below their channel's maximum would underflow the fast path: results stay exact."""
-    x = torch.randn(1, 2, 7, 7, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(1, 2, size, size, generator=torch.Generator().manual_seed(6))
     x[0, 0, 0, 0] = 500.0  # exp((x - 500) / 0.3) underflows everywhere else in channel 0
     v = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(7))
     _, (g,) = vjp(lambda t: F.max_pool2d(t.float(), 3, 2, 1).to(t.dtype), (x,), v.float().double())

@@ -10,7 +10,8 @@ Windows that tile the input (VGG's 2x2, stride 2) take each window's own maximum
 the pooled output, as the softmax shift (``_TiledRouting``). Other windows with
 -inf padding are separable (``_SeparableRouting``): one shift per channel, window
 sums and their transpose (pooling kernels, or a depthwise convolution when the
-windows are dilated). Otherwise (zero padding, ceil_mode, extreme dynamic range)
+windows are dilated; for the stems' 3x3 windows at stride 2 on even sizes, adds
+of the even and odd positions). Otherwise (zero padding, ceil_mode, extreme dynamic range)
 ``_PhaseRouting`` handles each window offset separately.
 """
 
@@ -129,6 +130,9 @@ class _SeparableRouting:
         """The weights times the spread of ``v / window sums``; when owned, written over the weights
         (the result needs no new input-sized tensor)."""
         routed = self.reciprocal.mul_(v) if self.owned else self.reciprocal * v
+        if _halves(self.x, self.geometry) and not (torch.is_grad_enabled() or _batched(routed)):
+            # eager, and faster than the compiled spread below (resnet50's stem: 8 against 12-18 ms)
+            return _halving_spread_times(routed, self.weights, self.weights if self.owned else None)
         layout = (self.geometry, self.spare)
         if self.owned and self.compiled:
             fused = _SPREAD_INTO.follow(self.weights, routed, self.x, layout)
@@ -136,6 +140,54 @@ class _SeparableRouting:
                 return fused
         spread = _spread(routed, self.x, *layout)
         return self.weights.mul_(spread) if self.owned else spread.mul_(self.weights)
+
+
+def _batched(t: Tensor) -> bool:
+    """Whether ``t`` is batched by the vmap of a backward batched across targets."""
+    return torch._C._functorch.is_legacy_batchedtensor(t)
+
+
+def _halves(x: Tensor, geometry: Geometry) -> bool:
+    """Whether the windows are 3 wide at stride 2 with padding 1 over even sizes (the stem max-pool of
+    ResNets and DenseNets, where this rule costs most): window i then covers positions 2i - 1, 2i and
+    2i + 1, so the window sums and their transpose are two adds per dimension on the even and odd
+    positions, several times faster than ATen's pooling kernels on CPU. (With ceil_mode one more window
+    would hang over the end; the caller has refused that geometry before.)"""
+    kernel, stride, padding, dilation = geometry
+    even = x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0
+    return kernel == (3, 3) and stride == (2, 2) and padding == (1, 1) and dilation == (1, 1) and even
+
+
+def _halving_sums(t: Tensor, dim: int) -> Tensor:
+    """Sums along ``dim`` (negative) of the halving windows: window i adds positions 2i - 1, 2i, 2i + 1."""
+    pairs = t.unflatten(dim, (-1, 2))
+    even, odd = pairs.select(dim, 0), pairs.select(dim, 1)
+    total = even + odd
+    n = total.shape[dim]
+    total.narrow(dim, 1, n - 1).add_(odd.narrow(dim, 0, n - 1))
+    return total
+
+
+def _halving_shares(r: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """The transpose of :func:`_halving_sums` along ``dim`` (negative), as what the even and the odd
+    positions receive: position 2i gets window i, position 2i + 1 windows i and i + 1."""
+    n = r.shape[dim]
+    odd = torch.empty_like(r)
+    torch.add(r.narrow(dim, 0, n - 1), r.narrow(dim, 1, n - 1), out=odd.narrow(dim, 0, n - 1))
+    odd.narrow(dim, n - 1, 1).copy_(r.narrow(dim, n - 1, 1))
+    return r, odd
+
+
+def _halving_spread_times(routed: Tensor, weights: Tensor, out: Tensor | None) -> Tensor:
+    """``weights`` times the spread of ``routed`` over the halving windows, written into ``out`` (the
+    weights themselves when they are owned) or a new tensor: columns first, then each row parity's
+    share multiplied straight into its rows (no input-sized spread is formed)."""
+    cols = torch.stack(_halving_shares(routed, -1), dim=-1).flatten(-2)
+    out = torch.empty_like(weights) if out is None else out
+    rows_in, rows_out = weights.unflatten(-2, (-1, 2)), out.unflatten(-2, (-1, 2))
+    for parity, share in enumerate(_halving_shares(cols, -2)):
+        torch.mul(rows_in.select(-2, parity), share, out=rows_out.select(-2, parity))
+    return out
 
 
 def _spread(routed: Tensor, x: Tensor, geometry: Geometry, spare: list[int]) -> Tensor:
@@ -158,6 +210,8 @@ def _spread_into_body(weights: Tensor, routed: Tensor, x: Tensor, layout: tuple[
 def _window_sums(weights: Tensor, geometry: Geometry) -> Tensor:
     """Each window's sum of ``weights`` (zero padding stands for the -inf padding)."""
     kernel, stride, padding, dilation = geometry
+    if _halves(weights, geometry):
+        return _halving_sums(_halving_sums(weights, -2), -1)
     if dilation == (1, 1):
         return F.avg_pool2d(weights, kernel, stride, padding, divisor_override=1)
     return F.conv2d(weights, _ones(weights, kernel), None, stride, padding, dilation, weights.shape[1])
@@ -252,7 +306,7 @@ class _PhaseRouting:
         oh, ow = v.shape[-2:]
         sh, sw = self.stride
         routed = v / self.total
-        if torch._C._functorch.is_legacy_batchedtensor(v):
+        if _batched(v):
             return self._route_out_of_place(routed)
         # new_zeros, not torch.zeros: under a batched backward (vmap over targets) the buffers must carry the batch too
         grads = {key: routed.new_zeros(shape) for key, shape in self.plane_shapes.items()}
