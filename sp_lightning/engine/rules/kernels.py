@@ -5,9 +5,17 @@ activation: the ReLU/GELU rule recomputes x (one pass per term of its recipe),
 takes erf, forms ``v + v * erf`` in one ``addcmul`` and multiplies by each
 term's scale with the 1/2 folded in, and erf alone costs about twice a plain
 ReLU backward on CPU. Compiled, the recompute and ``Phi(z) = (1 + erf(z / sqrt 2)) / 2``
-run in one vectorised loop with the product, about a third of the eager time. The erf form's
-absolute error is one float ulp near 1 (its tail below ~3e-8 is exact zero in
-float32, so no subnormals appear). The same loop multiplies by the cotangent
+run in one vectorised loop with the product, about a third of the eager time.
+
+On CPU, ``torch.erf`` (an exponential and a division per element) would bound that loop,
+so in float32 the kernels take erf from a rational fit instead (:func:`kernel_phi`, derived
+by ``benchmarks/fit_gate_erf.py``): a dozen multiply-adds and one division, which leaves
+the loop about as fast as the memory it reads (resnet50's five gate kernels: 120-133 ms
+against 80-85 ms per call at 2 threads). The gate's absolute error is then at most
+2.2e-7 (mean 2e-8; eager ``torch.erf``: 5e-8), exactly 0 and 1 beyond |x / tau| = 5.7,
+so no subnormals appear; explanations move by about 1e-6 of their largest value against
+the eager code, as they already did from fusion's other roundings. Float64 and other
+devices keep ``torch.erf``. The same loop multiplies by the cotangent
 and, when x came from frozen eval BatchNorms, hands ``v * gate * scale`` to
 each BatchNorm's input directly (``SoftElementwise``): no separate product and
 no BatchNorm backward pass.
@@ -66,9 +74,24 @@ def emit_cotangents(gv: Tensor, scales: Scales) -> tuple[Tensor, ...]:
     return tuple(gv if scale is None else gv * scale for scale in scales)
 
 
+def kernel_phi(z: Tensor) -> Tensor:
+    """``(1 + erf(z)) / 2`` (Phi of ``z * sqrt 2``) as the compiled kernels compute it: on CPU in float32
+    or narrower, ``erf(z) = z * P(z^2) / Q(z^2)`` on |z| <= 4 (coefficients from
+    ``benchmarks/fit_gate_erf.py``) and the gate clamped to [0, 1]; ``torch.erf`` elsewhere.
+    The coefficients are literals: dynamo would pass module-level floats in as inputs."""
+    if z.device.type != "cpu" or z.dtype == torch.float64:
+        return 0.5 + 0.5 * torch.erf(z)
+    z = z.clamp(-4.0, 4.0)
+    t = z * z
+    p = ((((((2.12404228e-08 * t - 2.01991793e-06) * t + 0.000140629156) * t + 0.00353208324) * t + 0.0499663502)
+          * t + 0.195149422) * t + 1.12837887)
+    q = (((0.000924323278 * t + 0.0139741004) * t + 0.113053024) * t + 0.506276786) * t + 1.0
+    return (0.5 + 0.5 * (z * p / q)).clamp(0.0, 1.0)
+
+
 def _phi_of_terms(terms: tuple[Term, ...], k: Tensor) -> Tensor:
     """Phi(x / tau) for x = sum of the terms, k = 1 / (tau * sqrt 2): the traced body of the kernel."""
-    return 0.5 + 0.5 * torch.erf(_recompute(terms) * k)
+    return kernel_phi(_recompute(terms) * k)
 
 
 def _phi_cotangents(terms: tuple[Term, ...], v: Tensor, scales: Scales, k: Tensor) -> tuple[Tensor, ...]:
