@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from _support import Lambda, float64_default
 
 from sp_lightning import SoftRules, UncoveredGatedOpWarning, coverage_report, soft_backward
-from sp_lightning.engine.rules import pooling
+from sp_lightning.engine.rules import pooling, windows
 from sp_lightning.engine.rules.interface import TINY
 
 
@@ -322,22 +322,22 @@ def test_maxpool_stem_windows_on_even_sizes_add_even_and_odd_positions(
     transpose from adds on the even and odd positions, and matches the reference."""
     used: list[str] = []
 
-    def spy(name: str) -> Callable[..., Tensor]:
-        original = getattr(pooling, name)
+    def spy(module: Any, name: str) -> None:
+        original = getattr(module, name)
 
         def counted(*args: Any) -> Tensor:
             used.append(name)
             return original(*args)
 
-        return counted
+        monkeypatch.setattr(module, name, counted)
 
-    for name in ("_halving_sums", "_halving_spread_times"):
-        monkeypatch.setattr(pooling, name, spy(name))
+    spy(windows, "halving_sums")  # called by the window sums there
+    spy(pooling, "halving_spread_times")  # called by the separable routing
     x = torch.randn(shape, generator=torch.Generator().manual_seed(8)) * 2
     v = torch.randn(F.max_pool2d(x, 3, 2, 1).shape, generator=torch.Generator().manual_seed(9))
     _, (g,) = vjp(lambda t: F.max_pool2d(t, 3, 2, 1), (x,), v, {"maxpool": 0.3})
     torch.testing.assert_close(g, naive_soft_maxpool(x, v, (3, 3), (2, 2), (1, 1), (1, 1), 0.3, float("-inf")))
-    assert set(used) == {"_halving_sums", "_halving_spread_times"}
+    assert set(used) == {"halving_sums", "halving_spread_times"}
 
 
 @pytest.mark.parametrize(("kernel", "shape"), [((3, 3), (2, 3, 9, 6)), ((1, 2), (2, 3, 4, 6))])

@@ -27,28 +27,22 @@ from torch.nn import functional as F
 
 from .interface import Handler, Scope, arg, derived, ensure_held, flush_tiny_, needs_soft, release
 from .kernels import CompiledKernel
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, (list, tuple)):
-        return (int(v[0]), int(v[-1]))
-    return (int(v), int(v))
-
-
-def pool_geometry(kernel_size: Any, stride: Any, padding: Any, dilation: Any) -> tuple[tuple[int, int], ...]:
-    """Normalise max_pool2d arguments to (kernel, stride, padding, dilation) pairs."""
-    k = _pair(kernel_size)
-    s = _pair(stride) if stride not in (None, [], ()) else k
-    return k, s, _pair(padding), _pair(dilation)
+from .windows import (
+    Geometry,
+    halves,
+    halving_spread_times,
+    offset_sum,
+    pool_geometry,
+    spread,
+    tiles,
+    window_sums,
+)
 
 
 #: The separable path needs every window's softmax denominator above this many times the
 #: smallest normal float: each window's largest weight is then a normal float, and the
 #: subnormal weights it flushes to zero are below 1e-8 of their window's total.
 _DENOMINATOR_MARGIN = 1e8
-
-Geometry = tuple[tuple[int, int], ...]
-
 
 def _shifted_weights_body(x: Tensor, peak: Tensor, k: Tensor) -> Tensor:
     """exp((x - M) * k) with no subnormals left: the traced body of the compiled kernel."""
@@ -66,18 +60,6 @@ def _shifted_weights(x: Tensor, peak: Tensor, tau: float) -> Tensor:
         return fused
     # x - M first, then / tau: folding both into one pass (x / tau - M / tau) cancels badly at small tau
     return torch.threshold_(torch.sub(x, peak).mul_(1.0 / tau).exp_(), torch.finfo(x.dtype).tiny, 0.0)
-
-
-def _ones(x: Tensor, kernel: tuple[int, int]) -> Tensor:
-    """A depthwise kernel of ones: window sums."""
-    return torch.ones(x.shape[1], 1, *kernel, dtype=x.dtype, device=x.device)
-
-
-def _tiles(x: Tensor, geometry: Geometry) -> bool:
-    """Whether the windows tile ``x`` exactly (kernel = stride, no padding or dilation), as in VGG."""
-    kernel, stride, padding, dilation = geometry
-    whole = x.shape[-2] % kernel[0] == 0 and x.shape[-1] % kernel[1] == 0
-    return stride == kernel and padding == (0, 0) and dilation == (1, 1) and whole
 
 
 @dataclass(eq=False)
@@ -120,7 +102,7 @@ class _SeparableRouting:
             return None
         else:
             weights = _shifted_weights(x, peak, tau)
-            total = _window_sums(weights, geometry)
+            total = window_sums(weights, geometry)
         if not bool((total > torch.finfo(x.dtype).tiny * _DENOMINATOR_MARGIN).all()):
             return None
         reciprocal = total.reciprocal_()
@@ -130,16 +112,16 @@ class _SeparableRouting:
         """The weights times the spread of ``v / window sums``; when owned, written over the weights
         (the result needs no new input-sized tensor)."""
         routed = self.reciprocal.mul_(v) if self.owned else self.reciprocal * v
-        if _halves(self.x, self.geometry) and not (torch.is_grad_enabled() or _batched(routed)):
+        if halves(self.x, self.geometry) and not (torch.is_grad_enabled() or _batched(routed)):
             # eager, and faster than the compiled spread below (resnet50's stem: 8 against 12-18 ms)
-            return _halving_spread_times(routed, self.weights, self.weights if self.owned else None)
+            return halving_spread_times(routed, self.weights, self.weights if self.owned else None)
         layout = (self.geometry, self.spare)
         if self.owned and self.compiled:
             fused = _SPREAD_INTO.follow(self.weights, routed, self.x, layout)
             if fused is not None:
                 return fused
-        spread = _spread(routed, self.x, *layout)
-        return self.weights.mul_(spread) if self.owned else spread.mul_(self.weights)
+        spreads = spread(routed, self.x, *layout)
+        return self.weights.mul_(spreads) if self.owned else spreads.mul_(self.weights)
 
 
 def _batched(t: Tensor) -> bool:
@@ -147,80 +129,15 @@ def _batched(t: Tensor) -> bool:
     return torch._C._functorch.is_legacy_batchedtensor(t)
 
 
-def _halves(x: Tensor, geometry: Geometry) -> bool:
-    """Whether the windows are 3 wide at stride 2 with padding 1 over even sizes (the stem max-pool of
-    ResNets and DenseNets, where this rule costs most): window i then covers positions 2i - 1, 2i and
-    2i + 1, so the window sums and their transpose are two adds per dimension on the even and odd
-    positions, several times faster than ATen's pooling kernels on CPU. (With ceil_mode one more window
-    would hang over the end; the caller has refused that geometry before.)"""
-    kernel, stride, padding, dilation = geometry
-    even = x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0
-    return kernel == (3, 3) and stride == (2, 2) and padding == (1, 1) and dilation == (1, 1) and even
-
-
-def _halving_sums(t: Tensor, dim: int) -> Tensor:
-    """Sums along ``dim`` (negative) of the halving windows: window i adds positions 2i - 1, 2i, 2i + 1."""
-    pairs = t.unflatten(dim, (-1, 2))
-    even, odd = pairs.select(dim, 0), pairs.select(dim, 1)
-    total = even + odd
-    n = total.shape[dim]
-    total.narrow(dim, 1, n - 1).add_(odd.narrow(dim, 0, n - 1))
-    return total
-
-
-def _halving_shares(r: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """The transpose of :func:`_halving_sums` along ``dim`` (negative), as what the even and the odd
-    positions receive: position 2i gets window i, position 2i + 1 windows i and i + 1."""
-    n = r.shape[dim]
-    odd = torch.empty_like(r)
-    torch.add(r.narrow(dim, 0, n - 1), r.narrow(dim, 1, n - 1), out=odd.narrow(dim, 0, n - 1))
-    odd.narrow(dim, n - 1, 1).copy_(r.narrow(dim, n - 1, 1))
-    return r, odd
-
-
-def _halving_spread_times(routed: Tensor, weights: Tensor, out: Tensor | None) -> Tensor:
-    """``weights`` times the spread of ``routed`` over the halving windows, written into ``out`` (the
-    weights themselves when they are owned) or a new tensor: columns first, then each row parity's
-    share multiplied straight into its rows (no input-sized spread is formed)."""
-    cols = torch.stack(_halving_shares(routed, -1), dim=-1).flatten(-2)
-    out = torch.empty_like(weights) if out is None else out
-    rows_in, rows_out = weights.unflatten(-2, (-1, 2)), out.unflatten(-2, (-1, 2))
-    for parity, share in enumerate(_halving_shares(cols, -2)):
-        torch.mul(rows_in.select(-2, parity), share, out=rows_out.select(-2, parity))
-    return out
-
-
-def _spread(routed: Tensor, x: Tensor, geometry: Geometry, spare: list[int]) -> Tensor:
-    """Each window's value added to all its positions of ``x``: the transpose of the window sum.
-
-    The transposed depthwise convolution is general; for the usual geometries the pooling
-    kernels that compute the same sums are several times faster on CPU.
-    """
-    kernel, stride, padding, dilation = geometry
-    if dilation == (1, 1):
-        return torch.ops.aten.avg_pool2d_backward(routed, x, kernel, stride, padding, False, True, 1)
-    return F.conv_transpose2d(routed, _ones(x, kernel), None, stride, padding, spare, x.shape[1], dilation)
-
-
 def _spread_into_body(weights: Tensor, routed: Tensor, x: Tensor, layout: tuple[Geometry, list[int]]) -> Tensor:
     """The spread cotangent times the weights, written over the weights: the traced body of the kernel."""
-    return weights.mul_(_spread(routed, x, *layout))
-
-
-def _window_sums(weights: Tensor, geometry: Geometry) -> Tensor:
-    """Each window's sum of ``weights`` (zero padding stands for the -inf padding)."""
-    kernel, stride, padding, dilation = geometry
-    if _halves(weights, geometry):
-        return _halving_sums(_halving_sums(weights, -2), -1)
-    if dilation == (1, 1):
-        return F.avg_pool2d(weights, kernel, stride, padding, divisor_override=1)
-    return F.conv2d(weights, _ones(weights, kernel), None, stride, padding, dilation, weights.shape[1])
+    return weights.mul_(spread(routed, x, *layout))
 
 
 def _window_totals_body(x: Tensor, peak: Tensor, geometry: Geometry, k: Tensor) -> tuple[Tensor, Tensor]:
     """The softmax denominators of every window, and the weights: the traced body of the kernel."""
     weights = _shifted_weights_body(x, peak, k)
-    return _window_sums(weights, geometry), weights
+    return window_sums(weights, geometry), weights
 
 
 _WINDOW_TOTALS = CompiledKernel(_window_totals_body)
@@ -253,23 +170,13 @@ class _TiledRouting:
         # x - max first (exactly 0 at each window's maximum), then / tau: folding both into one pass
         # (x / tau - max / tau) cancels badly at small tau
         weights = flush_tiny_(torch.sub(windows, out[..., :, None, :, None]).mul_(1.0 / tau).exp_())
-        total = _offset_sum(_offset_sum(weights, -3), -1)
+        total = offset_sum(offset_sum(weights, -3), -1)
         return cls(weights, total.reciprocal_(), x.shape, owned=not keep)
 
     def route(self, v: Tensor) -> Tensor:
         routed = (self.reciprocal.mul_(v) if self.owned else self.reciprocal * v)[..., :, None, :, None]
         grad = self.weights.mul_(routed) if self.owned else self.weights * routed
         return grad.reshape(self.shape)
-
-
-def _offset_sum(t: Tensor, dim: int) -> Tensor:
-    """Sum over ``dim`` as adds of its slices, a fresh tensor: on VGG's 2x2 windows this takes the
-    window totals in 32-38 ms where ``avg_pool2d`` takes 59 ms (8x64x224x224, 2 threads)."""
-    parts = t.unbind(dim)
-    total = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
-    for part in parts[2:]:
-        total.add_(part)
-    return total
 
 
 @dataclass(eq=False)
@@ -361,7 +268,7 @@ def soft_maxpool_routing(
     ``pooled`` returns the max-pool output (only the general path needs it), ``out_size`` is its
     spatial size. ``keep``: the routing will serve several backward passes, so hold the window weights.
     """
-    if _tiles(x, geometry):  # no padding: both padding modes agree
+    if tiles(x, geometry):  # no padding: both padding modes agree
         fast = _SeparableRouting.build(x, out_size, geometry, tau, keep, compiled_only=True)
         return fast if fast is not None else _TiledRouting.build(x, pooled(), geometry[0], tau, keep)
     if padding_mode == "neginf":
