@@ -56,24 +56,29 @@ def test_batched_targets_equal_separate_calls(name: str, method: type[Explainer]
     torch.testing.assert_close(batched, separately(explainer, x, targets), rtol=1e-4, atol=1e-5 * scale)
 
 
-class CeilPool(nn.Module):
-    """Max-pools whose windows overhang the input (ceil_mode), which take the general routing path."""
+class Pool(nn.Module):
+    """A convolution, one max-pool and a head."""
 
-    def __init__(self, kernel: int, stride: int) -> None:
+    def __init__(self, kernel: int, stride: int, ceil_mode: bool) -> None:
         super().__init__()
-        self.conv, self.head, self.window = nn.Conv2d(3, 4, 3), nn.Linear(4, 5), (kernel, stride)
+        self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 5)
+        self.window, self.ceil_mode = (kernel, stride), ceil_mode
 
     def forward(self, x: Tensor) -> Tensor:
-        pooled = nn.functional.max_pool2d(self.conv(x), *self.window, ceil_mode=True)
+        pooled = nn.functional.max_pool2d(self.conv(x), *self.window, ceil_mode=self.ceil_mode)
         return self.head(pooled.mean((2, 3)))
 
 
-@pytest.mark.parametrize("window", [(2, 2), (3, 3)])
-def test_overhanging_max_pool_windows_batch_their_targets(window: tuple[int, int]) -> None:
-    """The max-pool's general routing has an out-of-place form for the batched pass (no fallback)."""
+@pytest.mark.parametrize(
+    ("window", "ceil_mode", "size"),
+    [((2, 2), True, (13, 11)), ((3, 3), True, (13, 11)), ((2, 2), False, (14, 12)), ((3, 3), False, (14, 11))],
+)
+def test_max_pool_windows_batch_their_targets(window: tuple[int, int], ceil_mode: bool, size: tuple[int, int]) -> None:
+    """The max-pool's routings have out-of-place forms for the batched pass (no fallback): windows
+    that overhang the input (ceil_mode) take the general routing, windows that tile it (VGG's) their own."""
     torch.manual_seed(0)
-    model = CeilPool(*window).eval()
-    x, targets = torch.randn(2, 3, 13, 11), torch.tensor([[0, 1, 2, 3], [4, 3, 2, 1]])
+    model = Pool(*window, ceil_mode).eval()
+    x, targets = torch.randn(2, 3, *size), torch.tensor([[0, 1, 2, 3], [4, 3, 2, 1]])
     explainer = SoftPullback(model)
     batched = without_warnings(explainer, x, targets)
     torch.testing.assert_close(batched, separately(explainer, x, targets), rtol=1e-5, atol=1e-7)

@@ -340,13 +340,18 @@ def test_maxpool_stem_windows_on_even_sizes_add_even_and_odd_positions(
     assert set(used) == {"halving_sums", "halving_spread_times"}
 
 
-@pytest.mark.parametrize(("kernel", "shape"), [((3, 3), (2, 3, 9, 6)), ((1, 2), (2, 3, 4, 6))])
+@pytest.mark.parametrize(
+    ("kernel", "shape"), [((3, 3), (2, 3, 9, 6)), ((1, 2), (2, 3, 4, 6)), ((2, 2), (2, 3, 4, 2)), ((2, 1), (2, 3, 4, 1))]
+)
 def test_maxpool_tiling_windows_of_other_sizes(kernel: tuple[int, int], shape: tuple[int, ...]) -> None:
-    """Tiling windows other than 2x2: the window totals add every offset (three, or one row)."""
+    """Tiling windows other than 2x2 (the window totals add every offset: three, or one row), and a
+    single column of windows, whose values repeated over the columns must be a buffer of their own: the
+    pooled output the backward reads its shift from stays as the forward made it."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(10))
     v = torch.randn(F.max_pool2d(x, kernel).shape, generator=torch.Generator().manual_seed(11))
-    _, (g,) = vjp(lambda t: F.max_pool2d(t, kernel), (x,), v, {"maxpool": 0.3})
+    out, (g,) = vjp(lambda t: F.max_pool2d(t, kernel), (x,), v, {"maxpool": 0.3})
     torch.testing.assert_close(g, naive_soft_maxpool(x, v, kernel, kernel, (0, 0), (1, 1), 0.3, float("-inf")))
+    assert torch.equal(out, F.max_pool2d(x, kernel))
 
 
 def test_maxpool_tiling_windows_take_any_dynamic_range() -> None:

@@ -109,11 +109,20 @@ def window_sums(weights: Tensor, geometry: Geometry) -> Tensor:
     return F.conv2d(weights, ones_kernel(weights, kernel), None, stride, padding, dilation, weights.shape[1])
 
 
-def offset_sum(t: Tensor, dim: int) -> Tensor:
-    """Sum over ``dim`` as adds of its slices, a fresh tensor: on VGG's 2x2 windows this takes the
-    window totals in 32-38 ms where ``avg_pool2d`` takes 59 ms (8x64x224x224, 2 threads)."""
+def offset_sum(t: Tensor, dim: int, out: Tensor | None = None) -> Tensor:
+    """Sum over ``dim`` as adds of its slices, into ``out`` or a fresh tensor: on VGG's 2x2 windows
+    this takes the window totals in 32-38 ms where ``avg_pool2d`` takes 59 ms (8x64x224x224, 2 threads)."""
     parts = t.unbind(dim)
-    total = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
+    if len(parts) == 1:
+        return parts[0].clone() if out is None else out.copy_(parts[0])
+    total = torch.add(parts[0], parts[1]) if out is None else torch.add(parts[0], parts[1], out=out)
     for part in parts[2:]:
         total.add_(part)
     return total
+
+
+def repeat_columns(t: Tensor, times: int) -> Tensor:
+    """``t`` with each column repeated ``times`` times, always a fresh contiguous tensor (an expanded
+    reshape is a view of ``t`` for one column, or once): one row of tiling windows' values laid over the
+    columns they cover."""
+    return t.repeat_interleave(times, dim=-1)
