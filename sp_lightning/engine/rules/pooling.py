@@ -154,11 +154,11 @@ class _TiledRouting:
     max over x is taken. The weights are held as window rows, shaped (..., oh, kh, w). What each
     window shares (its maximum, then its routed cotangent) reaches them as a row of the
     ``columns`` buffer, each window's value repeated over its kw columns: the broadcast then runs
-    along whole rows (broadcasting a (..., oh, 1, ow, 1) tensor instead runs loops of kw elements:
-    VGG's five pools at batch 8, 2 threads, 336-377 against 261-293 ms in two runs). The same buffer takes the sums
-    over each window's rows first. Eagerly faster than the separable code. Compiled, the separable
-    kernels are faster than any compiled form of this one (at VGG's first pool: 68 ms against
-    105 ms or more), so tiling windows take them whenever they are compiled.
+    along whole rows. Broadcasting a (..., oh, 1, ow, 1) tensor instead runs loops of kw elements:
+    VGG's five pools at batch 8, 2 threads, took 336-377 ms that way against 261-293 ms (two runs).
+    The same buffer takes the sums over each window's rows first. Eagerly faster than the separable
+    code. Compiled, the separable kernels are faster than any compiled form of this one (at VGG's
+    first pool: 68 ms against 105 ms or more), so tiling windows take them whenever they are compiled.
     """
 
     weights: Tensor  # exp((x - window max) / tau), shaped (..., oh, kh, w)
