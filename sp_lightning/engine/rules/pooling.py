@@ -45,6 +45,7 @@ from .windows import (
 #: subnormal weights it flushes to zero are below 1e-8 of their window's total.
 _DENOMINATOR_MARGIN = 1e8
 
+
 def _shifted_weights_body(x: Tensor, peak: Tensor, k: Tensor) -> Tensor:
     """exp((x - M) * k) with no subnormals left: the traced body of the compiled kernel."""
     weights = torch.exp((x - peak) * k)

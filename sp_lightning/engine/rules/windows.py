@@ -122,7 +122,7 @@ def offset_sum(t: Tensor, dim: int, out: Tensor | None = None) -> Tensor:
 
 
 def repeat_columns(t: Tensor, times: int) -> Tensor:
-    """``t`` with each column repeated ``times`` times, always a fresh contiguous tensor (an expanded
-    reshape is a view of ``t`` for one column, or once): one row of tiling windows' values laid over the
-    columns they cover."""
+    """``t`` with each column repeated ``times`` times: one row of tiling windows' values laid over the
+    columns they cover. Always a fresh tensor, which the routing writes into (an expanded reshape would
+    be a view of ``t`` when ``t`` has one column or ``times`` is 1)."""
     return t.repeat_interleave(times, dim=-1)
