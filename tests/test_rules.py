@@ -297,7 +297,7 @@ def test_maxpool_routes_v_through_softmax_windows(name: str, padding_mode: str) 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_maxpool_kept_routing_serves_several_passes_in_either_memory_layout(name: str, layout: str) -> None:
     """Kept window weights (several targets) are read, not overwritten, by each backward pass; owned
-    ones (one target) take the result in place, also through the broadcast view on tiling windows."""
+    ones (one target) take the result in place, on tiling windows through their ``columns`` buffer."""
     cfg = POOLS[name]
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
@@ -352,6 +352,21 @@ def test_maxpool_tiling_windows_of_other_sizes(kernel: tuple[int, int], shape: t
     out, (g,) = vjp(lambda t: F.max_pool2d(t, kernel), (x,), v, {"maxpool": 0.3})
     torch.testing.assert_close(g, naive_soft_maxpool(x, v, kernel, kernel, (0, 0), (1, 1), 0.3, float("-inf")))
     assert torch.equal(out, F.max_pool2d(x, kernel))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 6), (2, 3, 4, 2)])
+def test_maxpool_tiling_windows_while_a_higher_order_graph_is_recorded(shape: tuple[int, ...]) -> None:
+    """Under ``create_graph`` the tiling routing takes its out-of-place form (``out=`` records no
+    graph): the same values as the reference, a differentiable result, the pooled output untouched."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(12))
+    v = torch.randn(F.max_pool2d(x, 2).shape, generator=torch.Generator().manual_seed(13))
+    leaf, model = x.clone().requires_grad_(True), Lambda(lambda t: F.max_pool2d(t, 2))
+    with soft_backward(model, {"maxpool": 0.3}):
+        out = model(leaf)
+    (g,) = torch.autograd.grad(out, leaf, v, create_graph=True)
+    assert g.requires_grad
+    torch.testing.assert_close(g, naive_soft_maxpool(x, v, (2, 2), (2, 2), (0, 0), (1, 1), 0.3, float("-inf")))
+    assert torch.equal(out.detach(), F.max_pool2d(x, 2))
 
 
 def test_maxpool_tiling_windows_take_any_dynamic_range() -> None:
